@@ -66,9 +66,10 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = 2.0
     retry_backoff_max_seconds: float = 120.0
     progress_min_interval: float = 0.25  # seconds between two percentage-only progress writes
-    lease_seconds: float = 10.0  # a running job's lease; expires when its process dies
+    lease_seconds: float = 30.0  # a running job's lease; expires this long after its process died
     recovery_interval: float = 5.0  # how often a worker looks for jobs of dead workers
     recovery_grace_seconds: float = 20.0  # an unacked, unstarted message older than this is lost
+    enable_fault_injection: bool = False  # lets the probe task crash or fail (tests only)
 
     document_soft_time_limit: int = 600
     web_soft_time_limit: int = 180

@@ -135,7 +135,9 @@ def _split(segment: TextSegment, position: int, budget: int, counter: Any) -> li
     text = segment.text.strip()
     if counter(text) <= budget:
         return [_Piece(text, position, segment.metadata)]
-    parts = semchunk.chunk(text, chunk_size=budget, token_counter=counter, memoize=False)
+    parts: list[str] = semchunk.chunk(  # type: ignore[assignment]
+        text, chunk_size=budget, token_counter=counter, memoize=False
+    )
     return [_Piece(p, position, segment.metadata) for p in parts if p.strip()]
 
 

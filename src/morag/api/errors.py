@@ -1,0 +1,68 @@
+"""One error shape for every 4xx/5xx: ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from morag.core.errors import MoragError
+
+logger = structlog.get_logger(__name__)
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "limit_exceeded",
+               415: "unsupported_format", 422: "invalid_input", 429: "too_many_requests",
+               503: "unavailable"}
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_response(status: int, code: str, message: str,
+                   details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MoragError)
+    async def _morag_error(request: Request, exc: MoragError) -> JSONResponse:
+        if exc.http_status >= 500:
+            logger.error("request failed", path=request.url.path, error=exc.message)
+        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+             "message": err.get("msg", "invalid value")}
+            for err in exc.errors()
+        ]
+        fields = ", ".join(e["field"] or "body" for e in errors)
+        return error_response(422, "invalid_input", f"invalid request: check {fields}",
+                              {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", path=request.url.path)
+        return error_response(500, "internal_error", "internal error; see the server log")

@@ -1,0 +1,60 @@
+"""Liveness and readiness.
+
+``/health`` answers without touching anything. ``/health/ready`` pings Redis and reads
+the worker registry (one round trip, no remote-control broadcast), so it answers in
+milliseconds whether or not workers run; 503 when Redis is down or a queue has no
+consumer, naming those queues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from morag.core.config import ALL_QUEUES, settings
+from morag.services.task_manager import task_manager
+
+router = APIRouter(tags=["health"])
+
+_ping_clients: dict[str, redis.Redis] = {}
+
+
+def _ping_client(url: str) -> redis.Redis:
+    # Short timeouts: a health check must not hang on an unreachable Redis.
+    if url not in _ping_clients:
+        _ping_clients[url] = redis.Redis.from_url(url, socket_connect_timeout=0.5,
+                                                  socket_timeout=0.5)
+    return _ping_clients[url]
+
+
+@router.get("/health")
+def liveness() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "alive"}
+
+
+@router.get("/health/ready", responses={503: {"description": "not ready"}})
+def readiness() -> JSONResponse:
+    """Redis reachable and every queue consumed by at least one live worker."""
+    services: dict[str, Any] = {}
+    queues_without_consumers: list[str] = []
+    try:
+        _ping_client(settings.redis_url).ping()
+        services["redis"] = "healthy"
+    except redis.RedisError as exc:
+        services["redis"] = f"unhealthy: {exc}"
+    if services["redis"] == "healthy":
+        stats = task_manager.get_queue_stats(include_active=False)
+        queues_without_consumers = [q for q in ALL_QUEUES if not stats["queues"][q]["consumers"]]
+        services["celery"] = "healthy" if stats["workers"] else "unhealthy: no live worker"
+        services["workers"] = stats["workers"]
+    else:
+        services["celery"] = "unknown: Redis is unreachable"
+    ready = services["redis"] == "healthy" and not queues_without_consumers and bool(
+        services.get("workers"))
+    body = {"status": "ready" if ready else "not_ready", "services": services,
+            "queues_without_consumers": queues_without_consumers}
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,540 @@
+"""The job record: the one place that owns a job's state.
+
+A job record is a Redis hash written before the Celery message is published, so an
+id that was never submitted (no record) is told apart from a queued one. Workers move
+it through its states with Lua scripts, so every transition is atomic, appends one
+event to the job's history list and publishes it for live followers (SSE, webhooks)
+in a single round trip. The first final state wins; progress never goes backwards.
+
+Keys, under ``<prefix>:``::
+
+    job:<id>            hash: the record
+    job:<id>:history    list: JSON events, newest last
+    job:<id>:result     string: the full result (JSON), kept as long as the record
+    job:<id>:lease      string with TTL: held while a process runs the job
+    jobs                sorted set: id -> creation time (listing)
+    events:<id>         pub/sub channel of the job's events
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+if TYPE_CHECKING:
+    from morag.core.config import Settings
+
+HISTORY_MAX = 1000  # events kept per job; older ones are trimmed
+
+
+class TaskStatus(StrEnum):
+    """A job's state. Values are the lower-case names Celery uses."""
+
+    PENDING = "pending"
+    STARTED = "started"
+    PROGRESS = "progress"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RETRY = "retry"
+    REVOKED = "revoked"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.REVOKED})
+RUNNING_STATES = frozenset({TaskStatus.STARTED, TaskStatus.PROGRESS})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat()
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass
+class TaskInfo:
+    """A job as its record tells it."""
+
+    task_id: str
+    status: TaskStatus
+    kind: str = ""
+    queue: str = ""
+    progress: float = 0.0
+    stage: str = ""
+    message: str = ""
+    attempts: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    cancel_requested: bool = False
+    worker: str | None = None
+    result: dict[str, Any] | None = None  # the result summary; the full result is separate
+    metadata: dict[str, Any] = field(default_factory=dict)
+    input: dict[str, Any] = field(default_factory=dict)
+    batch_id: str | None = None
+    webhook_url: str | None = None
+    retry_of: str | None = None
+    retry_at: datetime | None = None
+
+    @property
+    def completed_at(self) -> datetime | None:
+        """The seed's name for ``finished_at``."""
+        return self.finished_at
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> TaskInfo:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            task_id=h["id"],
+            status=TaskStatus(h["state"]),
+            kind=h.get("kind", ""),
+            queue=h.get("queue", ""),
+            progress=float(h.get("progress") or 0.0),
+            stage=h.get("stage", ""),
+            message=h.get("message", ""),
+            attempts=int(h.get("attempts") or 0),
+            error=h.get("error_message") or None,
+            error_type=h.get("error_type") or None,
+            created_at=_parse_ts(h.get("created_at")),
+            started_at=_parse_ts(h.get("started_at")),
+            finished_at=_parse_ts(h.get("finished_at")),
+            updated_at=_parse_ts(h.get("updated_at")),
+            cancel_requested=bool(h.get("cancel_requested_at")),
+            worker=h.get("worker") or None,
+            result=json.loads(h["result_summary"]) if h.get("result_summary") else None,
+            metadata=json.loads(h.get("metadata") or "{}"),
+            input=json.loads(h.get("input") or "{}"),
+            batch_id=h.get("batch_id") or None,
+            webhook_url=h.get("webhook_url") or None,
+            retry_of=h.get("retry_of") or None,
+            retry_at=_parse_ts(h.get("retry_at")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "kind": self.kind,
+            "queue": self.queue,
+            "progress": self.progress,
+            "stage": self.stage,
+            "message": self.message,
+            "attempts": self.attempts,
+            "error": {"type": self.error_type, "message": self.error} if self.error else None,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+            "cancel_requested": self.cancel_requested,
+            "result": self.result,
+            "metadata": self.metadata,
+            "batch_id": self.batch_id,
+            "retry_of": self.retry_of,
+        }
+
+
+# Shared Lua: append an event to the history, trim it, publish it.
+_EMIT = """
+local function emit(history_key, channel, ts, state, progress, stage, message, attempt, extra)
+  local event = {ts=ts, state=state, progress=tonumber(progress), stage=stage,
+                 message=message, attempt=tonumber(attempt)}
+  if extra then for k, v in pairs(extra) do event[k] = v end end
+  local payload = cjson.encode(event)
+  redis.call('RPUSH', history_key, payload)
+  redis.call('LTRIM', history_key, -HISTORY_MAX, -1)
+  redis.call('PUBLISH', channel, payload)
+end
+local function is_final(state)
+  return state == 'success' or state == 'failure' or state == 'revoked'
+end
+""".replace("HISTORY_MAX", str(HISTORY_MAX))
+
+# KEYS: job, history, index, channel | ARGV: id, ts, score, then field/value pairs
+_CREATE = (
+    _EMIT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'pending', 'progress', '0',
+           'stage', 'queued', 'message', 'waiting for a worker', 'attempts', '0',
+           'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+emit(KEYS[2], KEYS[4], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
+return 1
+"""
+)
+
+# KEYS: job, history, lease, channel | ARGV: ts, worker, lease_ms, max_attempts, id, kind, queue
+# Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
+_START = (
+    _EMIT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- a message published without a record (a raw Celery client): adopt it
+  redis.call('HSET', KEYS[1], 'id', ARGV[5], 'kind', ARGV[6], 'queue', ARGV[7],
+             'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[1])
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+local progress = redis.call('HGET', KEYS[1], 'progress') or '0'
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if is_final(state) then return {'final', state} end
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[1],
+             'updated_at', ARGV[1], 'message', 'cancelled before it started')
+  emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
+       attempts, nil)
+  return {'cancelled', 'revoked'}
+end
+local holder = redis.call('GET', KEYS[3])
+if holder then return {'busy', holder} end
+if attempts >= tonumber(ARGV[4]) then
+  local msg = 'gave up after ' .. attempts .. ' attempts: the job never finished ' ..
+              '(its worker process died or was killed each time)'
+  redis.call('HSET', KEYS[1], 'state', 'failure', 'stage', 'failure', 'finished_at', ARGV[1],
+             'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
+             'message', msg)
+  emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
+  return {'exhausted', tostring(attempts)}
+end
+attempts = attempts + 1
+local message = 'started (attempt ' .. attempts .. ')'
+redis.call('HSET', KEYS[1], 'state', 'started', 'stage', 'started', 'message', message,
+           'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+emit(KEYS[2], KEYS[4], ARGV[1], 'started', progress, 'started', message, attempts,
+     {worker=ARGV[2]})
+return {'ok', tostring(attempts)}
+"""
+)
+
+# KEYS: job, history, lease, channel | ARGV: ts, progress, stage, message, worker, lease_ms
+# Returns: ok | cancel | stop:<state>
+_PROGRESS = (
+    _EMIT
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'started' and state ~= 'progress' then return 'stop:' .. tostring(state) end
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then return 'cancel' end
+local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'),
+                          tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'state', 'progress', 'progress', progress, 'stage', ARGV[3],
+           'message', ARGV[4], 'updated_at', ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
+emit(KEYS[2], KEYS[4], ARGV[1], 'progress', progress, ARGV[3], ARGV[4],
+     redis.call('HGET', KEYS[1], 'attempts'), nil)
+return 'ok'
+"""
+)
+
+# KEYS: job, history, lease, channel, result | ARGV: ts, state, message, error_type,
+#       error_message, summary_json, result_json, retention_s, worker
+# Returns {outcome, state}: ok | final | missing
+_FINISH = (
+    _EMIT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+local current = redis.call('HGET', KEYS[1], 'state')
+if is_final(current) then return {'final', current} end
+local state, message = ARGV[2], ARGV[3]
+if state == 'success' and redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
+  -- cancelled while finishing: the user asked for no result, so none is kept
+  state, message = 'revoked', 'cancelled while running'
+end
+local progress = redis.call('HGET', KEYS[1], 'progress') or '0'
+if state == 'success' then
+  progress = '1'
+  redis.call('HSET', KEYS[1], 'result_summary', ARGV[6])
+  redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[8])
+elseif state == 'failure' then
+  redis.call('HSET', KEYS[1], 'error_type', ARGV[4], 'error_message', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'state', state, 'stage', state, 'message', message,
+           'progress', progress, 'finished_at', ARGV[1], 'updated_at', ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message,
+     redis.call('HGET', KEYS[1], 'attempts'), nil)
+return {'ok', state}
+"""
+)
+
+# KEYS: job, history, lease, channel | ARGV: ts, message, error_type, error_message, worker,
+#       retry_at
+_RETRY = (
+    _EMIT
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or is_final(state) then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'retry', 'stage', 'retry', 'message', ARGV[2],
+           'error_type', ARGV[3], 'error_message', ARGV[4], 'retry_at', ARGV[6],
+           'updated_at', ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('DEL', KEYS[3]) end
+emit(KEYS[2], KEYS[4], ARGV[1], 'retry', redis.call('HGET', KEYS[1], 'progress'), 'retry',
+     ARGV[2], redis.call('HGET', KEYS[1], 'attempts'), {retry_at=ARGV[6]})
+return 1
+"""
+)
+
+# KEYS: job, history, channel | ARGV: ts, retention_s
+# Returns {outcome, state}: missing | final | revoked (was queued) | cancelling (is running)
+_CANCEL = (
+    _EMIT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if is_final(state) then return {'final', state} end
+redis.call('HSET', KEYS[1], 'cancel_requested_at', ARGV[1], 'updated_at', ARGV[1])
+local progress = redis.call('HGET', KEYS[1], 'progress')
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+if state == 'pending' or state == 'retry' then
+  redis.call('HSET', KEYS[1], 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[1],
+             'message', 'cancelled before it started')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  emit(KEYS[2], KEYS[3], ARGV[1], 'revoked', progress, 'revoked',
+       'cancelled before it started', attempts, nil)
+  return {'revoked', 'revoked'}
+end
+emit(KEYS[2], KEYS[3], ARGV[1], state, progress, 'cancelling', 'cancellation requested',
+     attempts, nil)
+return {'cancelling', state}
+"""
+)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a transition script answered: an outcome word and a detail (state, holder…)."""
+
+    outcome: str
+    detail: str = ""
+
+
+class JobStore:
+    """Reads and writes job records. One instance per process and settings."""
+
+    def __init__(self, client: redis.Redis, prefix: str, retention_seconds: int) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.retention_seconds = retention_seconds
+        self._create = client.register_script(_CREATE)
+        self._start = client.register_script(_START)
+        self._progress = client.register_script(_PROGRESS)
+        self._finish = client.register_script(_FINISH)
+        self._retry = client.register_script(_RETRY)
+        self._cancel = client.register_script(_CANCEL)
+
+    # -- keys -----------------------------------------------------------------------------
+    def job_key(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}"
+
+    def history_key(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:history"
+
+    def result_key(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:result"
+
+    def lease_key(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:lease"
+
+    def channel(self, task_id: str) -> str:
+        return f"{self.prefix}:events:{task_id}"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    # -- writes ---------------------------------------------------------------------------
+    def create(
+        self,
+        task_id: str,
+        *,
+        kind: str,
+        queue: str,
+        task_name: str,
+        input: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
+        """Write a new pending record; False when one with this id exists already."""
+        now = utcnow()
+        fields: dict[str, str] = {
+            "kind": kind,
+            "queue": queue,
+            "task_name": task_name,
+            "input": json.dumps(input or {}),
+            "metadata": json.dumps(metadata or {}),
+            **(extra or {}),
+        }
+        flat = [item for pair in fields.items() for item in pair]
+        created = self._create(
+            keys=[self.job_key(task_id), self.history_key(task_id), self.index_key,
+                  self.channel(task_id)],
+            args=[task_id, _iso(now), now.timestamp(), *flat],
+        )
+        return bool(created)
+
+    def start(
+        self, task_id: str, *, worker: str, lease_seconds: float, max_attempts: int,
+        kind: str = "", queue: str = "",
+    ) -> Outcome:
+        """Claim the job for one run: ok, or why it must not run (final, cancelled, busy…)."""
+        outcome, detail = self._start(
+            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
+                  self.channel(task_id)],
+            args=[_iso(utcnow()), worker, int(lease_seconds * 1000), max_attempts, task_id,
+                  kind, queue],
+        )
+        return Outcome(_s(outcome), _s(detail))
+
+    def progress(
+        self, task_id: str, progress: float, stage: str, message: str, *, worker: str,
+        lease_seconds: float,
+    ) -> str:
+        """Record progress; answers ok, cancel (stop now) or stop:<state> (record is final)."""
+        answer = self._progress(
+            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
+                  self.channel(task_id)],
+            args=[_iso(utcnow()), min(max(progress, 0.0), 1.0), stage, message, worker,
+                  int(lease_seconds * 1000)],
+        )
+        return _s(answer)
+
+    def finish(
+        self,
+        task_id: str,
+        state: TaskStatus,
+        *,
+        message: str = "",
+        worker: str = "",
+        error_type: str = "",
+        error_message: str = "",
+        summary: dict[str, Any] | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Outcome:
+        """Move the job to a final state; the first final state wins."""
+        assert state.is_final
+        outcome, final_state = self._finish(
+            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
+                  self.channel(task_id), self.result_key(task_id)],
+            args=[_iso(utcnow()), state.value, message or state.value, error_type,
+                  error_message, json.dumps(summary or {}), json.dumps(result or {}),
+                  self.retention_seconds, worker],
+        )
+        return Outcome(_s(outcome), _s(final_state))
+
+    def mark_retry(
+        self, task_id: str, *, message: str, error_type: str, error_message: str, worker: str,
+        retry_at: datetime,
+    ) -> bool:
+        return bool(
+            self._retry(
+                keys=[self.job_key(task_id), self.history_key(task_id),
+                      self.lease_key(task_id), self.channel(task_id)],
+                args=[_iso(utcnow()), message, error_type, error_message, worker,
+                      _iso(retry_at)],
+            )
+        )
+
+    def request_cancel(self, task_id: str) -> Outcome:
+        """Flag the job cancelled: missing | final | revoked (was queued) | cancelling."""
+        outcome, state = self._cancel(
+            keys=[self.job_key(task_id), self.history_key(task_id), self.channel(task_id)],
+            args=[_iso(utcnow()), self.retention_seconds],
+        )
+        return Outcome(_s(outcome), _s(state))
+
+    def refresh_lease(self, task_id: str, worker: str, lease_seconds: float) -> None:
+        """Extend the lease if this worker still holds it."""
+        key = self.lease_key(task_id)
+        if self.redis.get(key) == worker.encode():
+            self.redis.pexpire(key, int(lease_seconds * 1000))
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, task_id: str) -> TaskInfo | None:
+        raw = self.redis.hgetall(self.job_key(task_id))
+        return TaskInfo.from_hash(raw) if raw else None
+
+    def get_many(self, task_ids: Iterable[str]) -> list[TaskInfo | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.job_key(task_id))
+        return [TaskInfo.from_hash(raw) if raw else None for raw in pipe.execute()]
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(self.history_key(task_id), 0, -1)]
+
+    def result(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(self.result_key(task_id))
+        return json.loads(raw) if raw else None
+
+    def has_lease(self, task_id: str) -> bool:
+        return bool(self.redis.exists(self.lease_key(task_id)))
+
+    def list_ids(self, *, newest_first: bool = True, start: float = 0, end: float = 0,
+                 offset: int = 0, count: int = 100) -> list[str]:
+        """Ids by creation time, within [start, end] epoch seconds (0: unbounded)."""
+        low = start or "-inf"
+        high = end or "+inf"
+        if newest_first:
+            ids = self.redis.zrevrangebyscore(self.index_key, high, low, start=offset, num=count)
+        else:
+            ids = self.redis.zrangebyscore(self.index_key, low, high, start=offset, num=count)
+        return [_s(i) for i in ids]
+
+    def prune_index(self) -> int:
+        """Drop index entries older than the retention (their records have expired)."""
+        cutoff = time.time() - self.retention_seconds
+        return int(self.redis.zremrangebyscore(self.index_key, "-inf", cutoff))
+
+
+_stores: dict[tuple[str, str], JobStore] = {}
+
+
+def get_job_store(cfg: Settings | None = None) -> JobStore:
+    """The job store for these settings, shared in this process."""
+    from morag.core.config import settings as default_settings
+    from morag.core.redis_conn import get_redis
+
+    cfg = cfg or default_settings
+    key = (cfg.redis_url, cfg.key_prefix)
+    store = _stores.get(key)
+    if store is None:
+        store = JobStore(get_redis(cfg.redis_url), cfg.key_prefix, cfg.result_retention_seconds)
+        _stores[key] = store
+    return store
+
+
+def reset_job_stores() -> None:
+    """Forget stores and their clients (in a freshly forked process)."""
+    from morag.core.redis_conn import reset_clients
+
+    _stores.clear()
+    reset_clients()

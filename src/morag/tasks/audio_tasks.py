@@ -1,0 +1,31 @@
+"""Audio (WAV, MP3, M4A, FLAC, OGG) on the ``audio_processing`` queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from morag.core.celery_app import celery_app
+from morag.core.config import settings
+from morag.tasks.options import chunking_options, input_file, processor_limits
+from morag.tasks.processing import ProcessingTask
+
+
+class AudioTask(ProcessingTask):
+    abstract = True
+    kind = "audio"
+
+
+@celery_app.task(bind=True, base=AudioTask,
+                 soft_time_limit=settings.soft_time_limit("audio_processing"),
+                 time_limit=settings.hard_time_limit("audio_processing"))
+def process_audio_task(self: AudioTask, file_path: str, metadata: dict[str, Any] | None = None,
+                       options: dict[str, Any] | None = None) -> Any:
+    """Transcribe speech to Markdown and time-stamped chunks."""
+    from morag.processors.audio import process_audio
+
+    self.update_progress(0.01, "checking the input", stage="validating")
+    path = input_file(file_path)
+    return process_audio(path, model=settings.whisper_model, device=settings.whisper_device,
+                         compute_type=settings.whisper_compute_type,
+                         options=chunking_options(options), limits=processor_limits(),
+                         progress=self.progress_callback)
