@@ -33,6 +33,8 @@ _LISTED_KEYS = {"page": "pages", "slide": "slides", "sheet": "sheets"}
 #: Segment keys merged specially; every other key survives only if all segments agree.
 _SPECIAL_KEYS = {*_LISTED_KEYS, *_LISTED_KEYS.values(), "start", "end", "heading_path"}
 _WORD_START = re.compile(r"(?<!\S)\S")
+# Joining two texts with a separator costs at most this many tokens more than both alone.
+_JOIN_ALLOWANCE = 4
 
 
 @lru_cache(maxsize=1)
@@ -90,13 +92,14 @@ def chunk_segments(
     drafts: list[_Draft] = []
     current: list[_Piece] = []
     current_text = ""
+    current_tokens = 0  # an upper bound of counter(current_text)
     current_key: tuple[str, ...] | None = None
 
     def flush() -> None:
-        nonlocal current, current_text
+        nonlocal current, current_text, current_tokens
         if current:
             drafts.append(_Draft(current))
-        current, current_text = [], ""
+        current, current_text, current_tokens = [], "", 0
 
     for position, segment in enumerate(segments):
         if not segment.text or segment.text.isspace():
@@ -106,12 +109,21 @@ def chunk_segments(
             flush()
             current_key = key
         for piece in _split(segment, position, body_budget, counter):
-            candidate = _join(current_text, piece) if current else piece.text
-            if current and counter(candidate) > body_budget:
-                flush()
-                candidate = piece.text
+            piece_tokens = counter(piece.text)
+            if current:
+                candidate = _join(current_text, piece)
+                # Counting is the costly part: only count exactly when the bound is tight.
+                bound = current_tokens + piece_tokens + _JOIN_ALLOWANCE
+                if bound > body_budget:
+                    bound = counter(candidate)
+                if bound > body_budget:
+                    flush()
+                else:
+                    current.append(piece)
+                    current_text, current_tokens = candidate, bound
+                    continue
             current.append(piece)
-            current_text = candidate
+            current_text, current_tokens = piece.text, piece_tokens
     flush()
 
     _add_overlaps(drafts, options, counter)
@@ -157,29 +169,28 @@ def _add_overlaps(drafts: list[_Draft], options: ChunkingOptions, counter: Any) 
         if not _same_section(previous, draft):
             continue
         body = _body_text(draft)
-        tail = _tail(_body_text(previous), options.overlap_tokens, counter)
+        tail = _tail(_body_text(previous), options.overlap_tokens)
         # Joined text may tokenize a little differently: trim the tail until it all fits.
         while tail and counter(tail + _separator(draft.pieces[0]) + body) > options.chunk_tokens:
-            tail = _tail(tail, counter(tail) - 1, counter)
+            tail = _tail(tail, count_tokens(tail) - 1)
         draft.overlap = tail
 
 
-def _tail(text: str, max_tokens: int, counter: Any) -> str:
+def _tail(text: str, max_tokens: int) -> str:
     """The longest suffix of ``text`` starting at a word that has at most ``max_tokens``."""
     if max_tokens <= 0:
         return ""
     # A token is rarely more than ~10 characters: no need to look further back.
-    window = max(0, len(text) - 16 * max_tokens)
-    starts = [m.start() for m in _WORD_START.finditer(text, window)]
-    # Later starts give shorter suffixes: binary-search the earliest one that fits.
-    low, high = 0, len(starts)
-    while low < high:
-        mid = (low + high) // 2
-        if counter(text[starts[mid] :]) <= max_tokens:
-            high = mid
-        else:
-            low = mid + 1
-    return text[starts[low] :].strip() if low < len(starts) else ""
+    window = text[max(0, len(text) - 16 * max_tokens) :]
+    offsets = _tokenizer().encode(window, add_special_tokens=False).offsets
+    cut = offsets[-max_tokens][0] if len(offsets) > max_tokens else 0
+    word = _WORD_START.search(window, cut)
+    tail = window[word.start() :].rstrip() if word else ""
+    # Re-tokenised alone, the first word may take a token more: drop words until it fits.
+    while tail and count_tokens(tail) > max_tokens:
+        word = _WORD_START.search(tail, 1)
+        tail = tail[word.start() :] if word else ""
+    return tail
 
 
 def _body_text(draft: _Draft) -> str:

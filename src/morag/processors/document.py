@@ -47,6 +47,8 @@ ZIP_MAX_EXPANSION_OF_LIMIT = 100  # and at most 100x limits.max_bytes (docx: ~25
 ZIP_MAX_ENTRIES = 10_000
 ZIP_MAX_RATIO = 100
 ZIP_RATIO_FLOOR_BYTES = 10 * 1024 * 1024
+# mammoth parses XML into a DOM tens of times its size: bound each XML part.
+ZIP_MAX_XML_PART_BYTES = 100 * 1024 * 1024
 
 _WESTERN_ENCODINGS = ("cp1252", "iso8859_1", "iso8859_15")
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
@@ -100,7 +102,7 @@ def process_document(
     except MoragError:
         raise  # our own errors, JobCancelledError included, are already clear
     except Exception as exc:
-        if type(exc).__name__ in _PASS_THROUGH_NAMES:
+        if _must_propagate(exc):
             raise
         reason = str(exc).strip() or type(exc).__name__
         raise InvalidInputError(
@@ -152,7 +154,11 @@ def check_zip_expansion(path: Path, limits: ProcessorLimits) -> None:
         for e in entries
     )
     bomb_total = expanded > ZIP_RATIO_FLOOR_BYTES and expanded > ZIP_MAX_RATIO * max(packed, 1)
-    if expanded > cap or bomb_entry or bomb_total:
+    huge_xml = any(
+        e.filename.endswith((".xml", ".rels")) and e.file_size > ZIP_MAX_XML_PART_BYTES
+        for e in entries
+    )
+    if expanded > cap or bomb_entry or bomb_total or huge_xml:
         raise LimitExceededError(
             "the archive expands too much",
             details={"expanded_bytes": expanded, "packed_bytes": packed, "max_bytes": cap},
@@ -271,7 +277,9 @@ def _convert_pdf(path: Path, limits: ProcessorLimits, progress: ProgressCallback
     for number, page in enumerate(reader.pages, start=1):
         try:
             text = _tidy(page.extract_text() or "")
-        except Exception:  # one broken page should not lose the whole document
+        except Exception as exc:  # one broken page should not lose the whole document
+            if _must_propagate(exc):
+                raise
             unreadable.append(number)
             text = ""
         if text:
@@ -395,6 +403,11 @@ _CONVERTERS: dict[str, _Converter] = {
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _must_propagate(exc: BaseException) -> bool:
+    """True for Celery's time-limit exceptions (matched by name: no Celery import here)."""
+    return type(exc).__name__ in _PASS_THROUGH_NAMES
 
 
 def _file_size(path: Path) -> int:

@@ -286,3 +286,40 @@ def test_converter_failures_become_clear_invalid_input(tmp_path: Path, docx_file
     with pytest.raises(InvalidInputError, match="could not read the Word file: ") as caught:
         process_document(broken)
     assert not isinstance(caught.value, UnsupportedFormatError)
+
+
+def test_one_unreadable_pdf_page_does_not_lose_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pypdf import PageObject
+
+    original = PageObject.extract_text
+    calls = {"n": 0}
+
+    def flaky(self: PageObject, *args: object, **kwargs: object) -> str:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("bad content stream")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PageObject, "extract_text", flaky)
+    result = process_document(make_pdf(tmp_path / "p.pdf", pages=3))
+    assert result.metadata["unreadable_pages"] == [2]
+    assert PAGE_TEXT.format(n=3) in result.markdown
+    assert PAGE_TEXT.format(n=2) not in result.markdown
+
+
+def test_time_limit_exceptions_are_not_disguised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pypdf import PageObject
+
+    class SoftTimeLimitExceeded(Exception):  # the name Celery's exception has
+        pass
+
+    def slow(self: PageObject, *args: object, **kwargs: object) -> str:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(PageObject, "extract_text", slow)
+    with pytest.raises(SoftTimeLimitExceeded):
+        process_document(make_pdf(tmp_path / "p.pdf", pages=2))
