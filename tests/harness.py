@@ -1,0 +1,136 @@
+"""Test harness: a reachable Redis, a per-session namespace, real worker and API processes.
+
+Used by tests/conftest.py, the reliability tests and the benchmarks. Nothing here mocks
+Redis or Celery: workers are ``morag worker`` processes, the API is ``morag api``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, message: str,
+             interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns a truthy value, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for: {message}")
+        time.sleep(interval)
+
+
+def find_redis() -> tuple[str, Any]:
+    """A Redis URL: MORAG_TEST_REDIS_URL, a local one on 6379, or an embedded one.
+
+    Returns the URL and the embedded server to stop (or None).
+    """
+    url = os.environ.get("MORAG_TEST_REDIS_URL")
+    if url:
+        return url, None
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.3).ping()
+        return "redis://127.0.0.1:6379/0", None
+    except redis.RedisError:
+        pass
+    from morag.core.embedded_redis import EmbeddedRedis
+
+    data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"morag-test-redis-{uuid.uuid4().hex[:6]}"
+    server = EmbeddedRedis(data_dir)
+    return server.start(), server
+
+
+def test_environment(redis_url: str, namespace: str, data_dir: Path) -> dict[str, str]:
+    """MORAG_* variables for a test session: its own keys, fast recovery, faults allowed."""
+    return {
+        "MORAG_REDIS_URL": redis_url,
+        "MORAG_KEY_PREFIX": namespace,
+        "MORAG_BROKER_NAMESPACE": f"{namespace}:",
+        "MORAG_DATA_DIR": str(data_dir),
+        "MORAG_ENABLE_FAULT_INJECTION": "1",
+        "MORAG_LEASE_SECONDS": "3",
+        "MORAG_RECOVERY_INTERVAL": "1",
+        "MORAG_RECOVERY_GRACE_SECONDS": "5",
+        "MORAG_RETRY_BACKOFF_SECONDS": "0.2",
+        "MORAG_PROGRESS_MIN_INTERVAL": "0",
+        "MORAG_SSRF_ALLOW": "127.0.0.1,::1",
+        "MORAG_LOG_LEVEL": "INFO",
+    }
+
+
+def flush_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete the session's keys, except kombu's static queue bindings."""
+    keys = [k for k in client.scan_iter(match=f"{namespace}*", count=1000)
+            if b"_kombu.binding." not in k]
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """A ``morag`` subprocess with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "morag.cli", *args], env=env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker and its pool children)."""
+        if self.alive():
+            os.killpg(self.process.pid, sig)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stray pool children
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+
+def pool_children(pid: int) -> list[int]:
+    """Pids of a worker's pool processes."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return [int(p) for p in out.split()]
