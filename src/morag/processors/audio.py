@@ -167,7 +167,7 @@ def decode_audio(
     if not pcm.samples:
         detail = f" ({errors} damaged packets)" if errors else ""
         raise InvalidInputError(f"the audio stream holds no decodable audio{detail}")
-    return np.concatenate(pcm.parts).astype(np.float32) / 32768.0
+    return pcm.to_float32()
 
 
 class _MonoPcm:
@@ -180,11 +180,14 @@ class _MonoPcm:
 
     def add(self, frame: Any) -> None:
         frame.pts = None  # resample by content; gaps in timestamps don't matter here
-        if self._resampler is None:
+        fresh = self._resampler is None
+        if fresh:
             self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
             self._take(self._resampler.resample(frame))
         except ValueError:
+            if fresh:
+                raise
             # The stream changed rate or layout mid-way: finish the old graph, start anew.
             self.flush()
             self.add(frame)
@@ -198,6 +201,17 @@ class _MonoPcm:
         # PyAV's resampler holds buffers until a collection (faster-whisper issue #390).
         self._resampler = None
         gc.collect()
+
+    def to_float32(self) -> np.ndarray:
+        """All samples as float32 in -1..1, without an intermediate int16 copy."""
+        audio = np.empty(self.samples, dtype=np.float32)
+        offset = 0
+        self.parts.reverse()
+        while self.parts:  # free each part once copied: the two copies never coexist whole
+            part = self.parts.pop()
+            np.multiply(part, 1 / 32768.0, out=audio[offset : offset + part.size])
+            offset += part.size
+        return audio
 
     def _take(self, frames: list[Any]) -> None:
         for out in frames:

@@ -102,7 +102,7 @@ def _sample_times(duration: float | None, interval: float) -> Iterable[float]:
     """When to look at the video: evenly, at most ``_MAX_SAMPLES`` times if its length is known."""
     if duration is None:
         # Length unknown (a streamed WebM): sample until the end; the caller bounds it.
-        return itertools.count(0.0, min(interval, _MIN_SAMPLE_STEP * 4))
+        return itertools.count(0.0, min(interval, _MIN_SAMPLE_STEP * 2))
     step = min(interval, max(_MIN_SAMPLE_STEP, duration / _MAX_SAMPLES))
     return [i * step for i in range(max(1, math.ceil(duration / step)))]
 
