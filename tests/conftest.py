@@ -77,11 +77,12 @@ class WorkerFactory:
         self.tmp_path = tmp_path
         self.started: list[ServiceProcess] = []
 
-    def start(self, queues: str = "", concurrency: int = 1, wait: bool = True,
-              **env_overrides: str) -> ServiceProcess:
+    def start(
+        self, queues: str = "", concurrency: int = 1, wait: bool = True, **env_overrides: str
+    ) -> ServiceProcess:
         from morag.core.config import settings
-        from morag.services.workers import WorkerRegistry
         from morag.core.redis_conn import get_redis
+        from morag.services.workers import WorkerRegistry
 
         name = f"w{len(self.started)}-{uuid.uuid4().hex[:6]}@localhost"
         env = {**os.environ, **{f"MORAG_{k.upper()}": v for k, v in env_overrides.items()}}
@@ -92,8 +93,13 @@ class WorkerFactory:
         self.started.append(worker)
         if wait:
             registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
-            wait_for(lambda: any(w.hostname == name for w in registry.live_workers())
-                     or not worker.alive(), 30, f"worker {name} to be ready")
+            wait_for(
+                lambda: (
+                    any(w.hostname == name for w in registry.live_workers()) or not worker.alive()
+                ),
+                30,
+                f"worker {name} to be ready",
+            )
             assert worker.alive(), worker.log()
         return worker
 

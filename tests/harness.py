@@ -6,6 +6,7 @@ Redis or Celery: workers are ``morag worker`` processes, the API is ``morag api`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -22,8 +23,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, message: str,
-             interval: float = 0.05) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float, message: str, interval: float = 0.05
+) -> Any:
     """Poll ``condition`` until it returns a truthy value, or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -75,10 +77,13 @@ def test_environment(redis_url: str, namespace: str, data_dir: Path) -> dict[str
 
 def flush_namespace(client: redis.Redis, namespace: str) -> None:
     """Delete the session's keys, except kombu's static queue bindings."""
-    keys = [k for k in client.scan_iter(match=f"{namespace}*", count=1000)
-            if b"_kombu.binding." not in k]
+    keys = [
+        k
+        for k in client.scan_iter(match=f"{namespace}*", count=1000)
+        if b"_kombu.binding." not in k
+    ]
     for start in range(0, len(keys), 500):
-        client.delete(*keys[start:start + 500])
+        client.delete(*keys[start : start + 500])
 
 
 def free_port() -> int:
@@ -94,8 +99,12 @@ class ServiceProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "morag.cli", *args], env=env, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            [sys.executable, "-m", "morag.cli", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
         )
 
     @property
@@ -122,15 +131,14 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # stray pool children
-        except ProcessLookupError:
-            pass
         self._log.close()
 
 
 def pool_children(pid: int) -> list[int]:
     """Pids of a worker's pool processes."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True, check=False).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
     return [int(p) for p in out.split()]

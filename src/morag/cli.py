@@ -12,8 +12,11 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="morag: asynchronous ingestion for RAG pipelines.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="morag: asynchronous ingestion for RAG pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command()
@@ -62,8 +65,12 @@ def up(
     from morag.core.embedded_redis import EmbeddedRedis, _die_with_parent
 
     env = dict(os.environ)
-    for name, value in (("API_HOST", host), ("API_PORT", port), ("DATA_DIR", data_dir),
-                        ("WORKER_CONCURRENCY", concurrency)):
+    for name, value in (
+        ("API_HOST", host),
+        ("API_PORT", port),
+        ("DATA_DIR", data_dir),
+        ("WORKER_CONCURRENCY", concurrency),
+    ):
         if value:
             env[f"MORAG_{name}"] = str(value)
     cfg = Settings(_env_file=None, **_settings_from(env))
@@ -86,8 +93,12 @@ def up(
             typer.echo(f"morag: using Redis at {cfg.redis_url}")
         for name, command in (("worker", "worker"), ("api", "api")):
             # Own session: Ctrl-C reaches only this process, which stops children in order.
-            child = subprocess.Popen([sys.executable, "-m", "morag.cli", command], env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "morag.cli", command],
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             children.append((name, child))
         typer.echo(f"morag: API on http://{cfg.api_host}:{cfg.api_port}  (Ctrl-C stops)")
         while not stopping and all(c.poll() is None for _, c in children):
@@ -105,8 +116,11 @@ def up(
 
 def _settings_from(env: dict[str, str]) -> dict[str, str]:
     """MORAG_* variables as settings fields (so flags and env agree in ``up``)."""
-    return {key[len("MORAG_"):].lower(): value for key, value in env.items()
-            if key.startswith("MORAG_")}
+    return {
+        key[len("MORAG_") :].lower(): value
+        for key, value in env.items()
+        if key.startswith("MORAG_")
+    }
 
 
 def _stop_child(name: str, child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

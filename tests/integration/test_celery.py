@@ -28,13 +28,19 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def wait_final(task_id: str, timeout: float = 30):
-    return wait_for(lambda: (i := task_manager.get_task_status(task_id)).status.is_final and i,
-                    timeout, f"job {task_id} to finish")
+    return wait_for(
+        lambda: (i := task_manager.get_task_status(task_id)).status.is_final and i,
+        timeout,
+        f"job {task_id} to finish",
+    )
 
 
 def wait_state(task_id: str, states: set[TaskStatus], timeout: float = 30):
-    return wait_for(lambda: (i := task_manager.get_task_status(task_id)).status in states and i,
-                    timeout, f"job {task_id} to reach {states}")
+    return wait_for(
+        lambda: (i := task_manager.get_task_status(task_id)).status in states and i,
+        timeout,
+        f"job {task_id} to reach {states}",
+    )
 
 
 @pytest.fixture
@@ -46,8 +52,9 @@ def text_file(upload_dir: Path) -> Path:
 
 def test_task_submission(workers, text_file: Path) -> None:
     """A submitted job is known at once (its record precedes the message) and succeeds."""
-    result = process_document_task.delay(file_path=str(text_file), source_type="document",
-                                         metadata={"test": True})
+    result = process_document_task.delay(
+        file_path=str(text_file), source_type="document", metadata={"test": True}
+    )
     assert result.task_id is not None
     info = task_manager.get_task_status(result.task_id)
     assert info.task_id == result.task_id
@@ -74,8 +81,11 @@ def test_queue_stats(text_file: Path) -> None:
     probe.apply_async(priority=9)  # lands in a Redis priority sub-queue
     stats = task_manager.get_queue_stats()
     assert {q: s["pending"] for q, s in stats["queues"].items()} == {
-        "document_processing": 2, "audio_processing": 0, "video_processing": 0,
-        "web_processing": 1, "celery": 2,
+        "document_processing": 2,
+        "audio_processing": 0,
+        "video_processing": 0,
+        "web_processing": 1,
+        "celery": 2,
     }
     assert stats["pending_total"] == 5
     assert all(s["consumers"] == 0 for s in stats["queues"].values())

@@ -36,8 +36,12 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port,
-                log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def celery_config(cfg: Settings) -> dict[str, Any]:
         "result_backend_transport_options": dict(transport_options),
         "broker_connection_retry_on_startup": True,
         # Routing: one queue per modality; anything else goes to the default queue.
-        "task_routes": {f"morag.tasks.{kind}_tasks.*": {"queue": queue}
-                        for kind, queue in MODALITY_QUEUES.items()},
+        "task_routes": {
+            f"morag.tasks.{kind}_tasks.*": {"queue": queue}
+            for kind, queue in MODALITY_QUEUES.items()
+        },
         "task_queues": tuple(Queue(name, routing_key=name) for name in ALL_QUEUES),
         "task_default_queue": DEFAULT_QUEUE,
         # JSON only: a message can never run code on deserialisation.
@@ -71,19 +73,35 @@ celery_app = create_celery_app(settings)
 class BaseTask(Task):  # type: ignore[misc]
     """Base task: one structured log line per failure, success and retry."""
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
-        logger.error("task failed", task_id=task_id, task_name=self.name,
-                     error_type=type(exc).__name__, error=str(exc))
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        logger.error(
+            "task failed",
+            task_id=task_id,
+            task_name=self.name,
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        logger.info("task succeeded", task_id=task_id, task_name=self.name,
-                    result_type=type(retval).__name__)
+        logger.info(
+            "task succeeded",
+            task_id=task_id,
+            task_name=self.name,
+            result_type=type(retval).__name__,
+        )
 
-    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                 einfo: Any) -> None:
-        logger.warning("task retrying", task_id=task_id, task_name=self.name,
-                       error=str(exc), retry_count=self.request.retries)
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        logger.warning(
+            "task retrying",
+            task_id=task_id,
+            task_name=self.name,
+            error=str(exc),
+            retry_count=self.request.retries,
+        )
 
 
 celery_app.Task = BaseTask

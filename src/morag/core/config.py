@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("allowed_roots", "worker_queues", "ssrf_allow", "api_keys", "cors_origins",
-                     mode="before")
+    @field_validator(
+        "allowed_roots", "worker_queues", "ssrf_allow", "api_keys", "cors_origins", mode="before"
+    )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)

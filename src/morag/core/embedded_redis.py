@@ -68,21 +68,38 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         command = [
-            find_redis_server(), "--port", "0", "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700", "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--daemonize", "no", "--logfile", str((self.data_dir / "redis.log").resolve()),
+            find_redis_server(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str((self.data_dir / "redis.log").resolve()),
         ]
         # Own session: a terminal's Ctrl-C must reach ``morag up`` only, which stops Redis last.
-        self.process = subprocess.Popen(command, preexec_fn=_die_with_parent,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, preexec_fn=_die_with_parent, start_new_session=True
+        )
         client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise ConfigurationError(
                     f"redis-server exited with {self.process.returncode}; "
-                    f"see {self.data_dir / 'redis.log'}")
+                    f"see {self.data_dir / 'redis.log'}"
+                )
             try:
                 client.ping()
                 break

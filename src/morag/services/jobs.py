@@ -395,35 +395,72 @@ class JobStore:
         }
         flat = [item for pair in fields.items() for item in pair]
         created = self._create(
-            keys=[self.job_key(task_id), self.history_key(task_id), self.index_key,
-                  self.channel(task_id)],
+            keys=[
+                self.job_key(task_id),
+                self.history_key(task_id),
+                self.index_key,
+                self.channel(task_id),
+            ],
             args=[task_id, _iso(now), now.timestamp(), *flat],
         )
         return bool(created)
 
     def start(
-        self, task_id: str, *, worker: str, lease_seconds: float, max_attempts: int,
-        kind: str = "", queue: str = "",
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        lease_seconds: float,
+        max_attempts: int,
+        kind: str = "",
+        queue: str = "",
     ) -> Outcome:
         """Claim the job for one run: ok, or why it must not run (final, cancelled, busy…)."""
         outcome, detail = self._start(
-            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
-                  self.channel(task_id)],
-            args=[_iso(utcnow()), worker, int(lease_seconds * 1000), max_attempts, task_id,
-                  kind, queue],
+            keys=[
+                self.job_key(task_id),
+                self.history_key(task_id),
+                self.lease_key(task_id),
+                self.channel(task_id),
+            ],
+            args=[
+                _iso(utcnow()),
+                worker,
+                int(lease_seconds * 1000),
+                max_attempts,
+                task_id,
+                kind,
+                queue,
+            ],
         )
         return Outcome(_s(outcome), _s(detail))
 
     def progress(
-        self, task_id: str, progress: float, stage: str, message: str, *, worker: str,
+        self,
+        task_id: str,
+        progress: float,
+        stage: str,
+        message: str,
+        *,
+        worker: str,
         lease_seconds: float,
     ) -> str:
         """Record progress; answers ok, cancel (stop now) or stop:<state> (record is final)."""
         answer = self._progress(
-            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
-                  self.channel(task_id)],
-            args=[_iso(utcnow()), min(max(progress, 0.0), 1.0), stage, message, worker,
-                  int(lease_seconds * 1000)],
+            keys=[
+                self.job_key(task_id),
+                self.history_key(task_id),
+                self.lease_key(task_id),
+                self.channel(task_id),
+            ],
+            args=[
+                _iso(utcnow()),
+                min(max(progress, 0.0), 1.0),
+                stage,
+                message,
+                worker,
+                int(lease_seconds * 1000),
+            ],
         )
         return _s(answer)
 
@@ -442,24 +479,46 @@ class JobStore:
         """Move the job to a final state; the first final state wins."""
         assert state.is_final
         outcome, final_state = self._finish(
-            keys=[self.job_key(task_id), self.history_key(task_id), self.lease_key(task_id),
-                  self.channel(task_id), self.result_key(task_id)],
-            args=[_iso(utcnow()), state.value, message or state.value, error_type,
-                  error_message, json.dumps(summary or {}), json.dumps(result or {}),
-                  self.retention_seconds, worker],
+            keys=[
+                self.job_key(task_id),
+                self.history_key(task_id),
+                self.lease_key(task_id),
+                self.channel(task_id),
+                self.result_key(task_id),
+            ],
+            args=[
+                _iso(utcnow()),
+                state.value,
+                message or state.value,
+                error_type,
+                error_message,
+                json.dumps(summary or {}),
+                json.dumps(result or {}),
+                self.retention_seconds,
+                worker,
+            ],
         )
         return Outcome(_s(outcome), _s(final_state))
 
     def mark_retry(
-        self, task_id: str, *, message: str, error_type: str, error_message: str, worker: str,
+        self,
+        task_id: str,
+        *,
+        message: str,
+        error_type: str,
+        error_message: str,
+        worker: str,
         retry_at: datetime,
     ) -> bool:
         return bool(
             self._retry(
-                keys=[self.job_key(task_id), self.history_key(task_id),
-                      self.lease_key(task_id), self.channel(task_id)],
-                args=[_iso(utcnow()), message, error_type, error_message, worker,
-                      _iso(retry_at)],
+                keys=[
+                    self.job_key(task_id),
+                    self.history_key(task_id),
+                    self.lease_key(task_id),
+                    self.channel(task_id),
+                ],
+                args=[_iso(utcnow()), message, error_type, error_message, worker, _iso(retry_at)],
             )
         )
 
@@ -498,8 +557,15 @@ class JobStore:
     def has_lease(self, task_id: str) -> bool:
         return bool(self.redis.exists(self.lease_key(task_id)))
 
-    def list_ids(self, *, newest_first: bool = True, start: float = 0, end: float = 0,
-                 offset: int = 0, count: int = 100) -> list[str]:
+    def list_ids(
+        self,
+        *,
+        newest_first: bool = True,
+        start: float = 0,
+        end: float = 0,
+        offset: int = 0,
+        count: int = 100,
+    ) -> list[str]:
         """Ids by creation time, within [start, end] epoch seconds (0: unbounded)."""
         low = start or "-inf"
         high = end or "+inf"

@@ -25,8 +25,9 @@ from morag.services.jobs import FINAL_STATES, RUNNING_STATES, JobStore, TaskInfo
 logger = structlog.get_logger(__name__)
 
 
-def should_restore(job: TaskInfo | None, *, leased: bool, delivered_at: float, now: float,
-                   grace_seconds: float) -> bool:
+def should_restore(
+    job: TaskInfo | None, *, leased: bool, delivered_at: float, now: float, grace_seconds: float
+) -> bool:
     """Whether an unacked message of this job belongs to a dead worker."""
     if job is not None and job.status in FINAL_STATES:
         return False  # nothing to do; whoever holds it acks or drops it
@@ -42,8 +43,7 @@ def should_restore(job: TaskInfo | None, *, leased: bool, delivered_at: float, n
 class RecoveryLoop:
     """Restores messages of dead workers; ``run_once`` is called every few seconds."""
 
-    def __init__(self, app: Any, store: JobStore, *, interval: float,
-                 grace_seconds: float) -> None:
+    def __init__(self, app: Any, store: JobStore, *, interval: float, grace_seconds: float) -> None:
         self.app = app
         self.store = store
         self.interval = interval
@@ -67,11 +67,19 @@ class RecoveryLoop:
                     continue
                 job = self.store.get(task_id)
                 leased = self.store.has_lease(task_id)
-                if should_restore(job, leased=leased, delivered_at=delivered_at, now=now,
-                                  grace_seconds=self.grace_seconds):
+                if should_restore(
+                    job,
+                    leased=leased,
+                    delivered_at=delivered_at,
+                    now=now,
+                    grace_seconds=self.grace_seconds,
+                ):
                     channel.qos.restore_by_tag(tag, client)
                     restored.append(task_id)
-                    logger.warning("restored a job whose worker died", task_id=task_id,
-                                   state=job.status.value if job else "unknown",
-                                   unacked_for=round(now - delivered_at, 1))
+                    logger.warning(
+                        "restored a job whose worker died",
+                        task_id=task_id,
+                        state=job.status.value if job else "unknown",
+                        unacked_for=round(now - delivered_at, 1),
+                    )
         return restored

@@ -87,12 +87,23 @@ class TaskManager:
             raise NotFoundError(f"no job with id {task_id}")
         return TaskInfo(task_id=task_id, status=status_from_celery_state(state))
 
-    def update_task_progress(self, task_id: str, progress: float, message: str | None = None,
-                             metadata: dict[str, Any] | None = None,
-                             stage: str = "processing") -> str:
+    def update_task_progress(
+        self,
+        task_id: str,
+        progress: float,
+        message: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        stage: str = "processing",
+    ) -> str:
         """Record progress of a running job (answers ok, cancel or stop:<state>)."""
-        return self.store.progress(task_id, progress, stage, message or stage, worker="",
-                                   lease_seconds=self.settings.lease_seconds)
+        return self.store.progress(
+            task_id,
+            progress,
+            stage,
+            message or stage,
+            worker="",
+            lease_seconds=self.settings.lease_seconds,
+        )
 
     # -- cancellation -----------------------------------------------------------------------
     def cancel(self, task_id: str) -> Outcome:
@@ -105,8 +116,9 @@ class TaskManager:
         if outcome.outcome == "missing":
             raise NotFoundError(f"no job with id {task_id}")
         if outcome.outcome != "final":
-            self.celery_app.control.revoke(task_id, terminate=outcome.outcome == "cancelling",
-                                           signal="SIGTERM")
+            self.celery_app.control.revoke(
+                task_id, terminate=outcome.outcome == "cancelling", signal="SIGTERM"
+            )
             logger.info("job cancel requested", task_id=task_id, outcome=outcome.outcome)
         return outcome
 
@@ -150,13 +162,16 @@ class TaskManager:
                 pipe.llen(f"{ns}{queue}{_PRIORITY_SEP}{step}")
         counts = pipe.execute()
         per_queue = 1 + len(_PRIORITY_STEPS)
-        return {queue: sum(counts[i * per_queue:(i + 1) * per_queue])
-                for i, queue in enumerate(ALL_QUEUES)}
+        return {
+            queue: sum(counts[i * per_queue : (i + 1) * per_queue])
+            for i, queue in enumerate(ALL_QUEUES)
+        }
 
     def in_flight(self) -> int:
         """Messages delivered to workers and not yet acknowledged (running or reserved)."""
-        return int(get_redis(self.settings.redis_url).hlen(
-            f"{self.settings.broker_namespace}unacked"))
+        return int(
+            get_redis(self.settings.redis_url).hlen(f"{self.settings.broker_namespace}unacked")
+        )
 
     def get_queue_stats(self, *, include_active: bool = True) -> dict[str, Any]:
         """Pending messages, consumers and workers per queue, in-flight and active work."""
@@ -166,8 +181,11 @@ class TaskManager:
         active = self.get_active_tasks() if include_active and workers else []
         return {
             "queues": {
-                queue: {"pending": lengths.get(queue, 0), "consumers": len(consumers[queue]),
-                        "workers": consumers[queue]}
+                queue: {
+                    "pending": lengths.get(queue, 0),
+                    "consumers": len(consumers[queue]),
+                    "workers": consumers[queue],
+                }
                 for queue in ALL_QUEUES
             },
             "pending_total": sum(lengths.values()),

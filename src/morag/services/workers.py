@@ -34,8 +34,9 @@ class WorkerRegistry:
         return f"{self.prefix}:worker:{hostname}"
 
     def announce(self, info: WorkerInfo, ttl_seconds: float) -> None:
-        self.redis.set(self._key(info.hostname), json.dumps(asdict(info)),
-                       px=int(ttl_seconds * 1000))
+        self.redis.set(
+            self._key(info.hostname), json.dumps(asdict(info)), px=int(ttl_seconds * 1000)
+        )
 
     def withdraw(self, hostname: str) -> None:
         self.redis.delete(self._key(hostname))

@@ -15,17 +15,29 @@ class AudioTask(ProcessingTask):
     kind = "audio"
 
 
-@celery_app.task(bind=True, base=AudioTask,
-                 soft_time_limit=settings.soft_time_limit("audio_processing"),
-                 time_limit=settings.hard_time_limit("audio_processing"))
-def process_audio_task(self: AudioTask, file_path: str, metadata: dict[str, Any] | None = None,
-                       options: dict[str, Any] | None = None) -> Any:
+@celery_app.task(
+    bind=True,
+    base=AudioTask,
+    soft_time_limit=settings.soft_time_limit("audio_processing"),
+    time_limit=settings.hard_time_limit("audio_processing"),
+)
+def process_audio_task(
+    self: AudioTask,
+    file_path: str,
+    metadata: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Transcribe speech to Markdown and time-stamped chunks."""
     from morag.processors.audio import process_audio
 
     self.update_progress(0.01, "checking the input", stage="validating")
     path = input_file(file_path)
-    return process_audio(path, model=settings.whisper_model, device=settings.whisper_device,
-                         compute_type=settings.whisper_compute_type,
-                         options=chunking_options(options), limits=processor_limits(),
-                         progress=self.progress_callback)
+    return process_audio(
+        path,
+        model=settings.whisper_model,
+        device=settings.whisper_device,
+        compute_type=settings.whisper_compute_type,
+        options=chunking_options(options),
+        limits=processor_limits(),
+        progress=self.progress_callback,
+    )

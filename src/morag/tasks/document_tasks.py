@@ -15,17 +15,28 @@ class DocumentTask(ProcessingTask):
     kind = "document"
 
 
-@celery_app.task(bind=True, base=DocumentTask,
-                 soft_time_limit=settings.soft_time_limit("document_processing"),
-                 time_limit=settings.hard_time_limit("document_processing"))
-def process_document_task(self: DocumentTask, file_path: str, source_type: str = "document",
-                          metadata: dict[str, Any] | None = None,
-                          options: dict[str, Any] | None = None) -> Any:
+@celery_app.task(
+    bind=True,
+    base=DocumentTask,
+    soft_time_limit=settings.soft_time_limit("document_processing"),
+    time_limit=settings.hard_time_limit("document_processing"),
+)
+def process_document_task(
+    self: DocumentTask,
+    file_path: str,
+    source_type: str = "document",
+    metadata: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Convert a document to Markdown and chunks."""
     from morag.processors.document import process_document
 
     self.update_progress(0.01, "checking the input", stage="validating")
     path = input_file(file_path)
-    return process_document(path, options=chunking_options(options), limits=processor_limits(),
-                            progress=self.progress_callback,
-                            declared_name=(metadata or {}).get("filename"))
+    return process_document(
+        path,
+        options=chunking_options(options),
+        limits=processor_limits(),
+        progress=self.progress_callback,
+        declared_name=(metadata or {}).get("filename"),
+    )

@@ -40,22 +40,32 @@ def _record_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
 
 
 @signals.task_failure.connect
-def _record_hard_timeout(task_id: str | None = None, exception: BaseException | None = None,
-                         sender: Any = None, **_: Any) -> None:
+def _record_hard_timeout(
+    task_id: str | None = None, exception: BaseException | None = None, sender: Any = None, **_: Any
+) -> None:
     # Soft limits and errors are recorded by the task itself; a hard limit kills the child
     # before it can, so the main process records it.
     if task_id and isinstance(exception, TimeLimitExceeded):
         limit = getattr(sender, "time_limit", None)
         message = f"the job was killed at its hard time limit of {limit} s"
-        get_job_store().finish(task_id, TaskStatus.FAILURE, message=message,
-                               error_type="TimeLimitExceeded", error_message=message)
+        get_job_store().finish(
+            task_id,
+            TaskStatus.FAILURE,
+            message=message,
+            error_type="TimeLimitExceeded",
+            error_message=message,
+        )
 
 
 @signals.celeryd_after_setup.connect
 def _remember_worker(sender: str = "", instance: Any = None, **_: Any) -> None:
     queues = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
-    _worker.update(hostname=sender, queues=queues, concurrency=int(instance.concurrency or 0),
-                   started_at=utcnow().isoformat())
+    _worker.update(
+        hostname=sender,
+        queues=queues,
+        concurrency=int(instance.concurrency or 0),
+        started_at=utcnow().isoformat(),
+    )
 
 
 @signals.worker_ready.connect
@@ -63,8 +73,12 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
     from morag.services.recovery import RecoveryLoop
 
     registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
-    recovery = RecoveryLoop(sender.app, get_job_store(), interval=settings.recovery_interval,
-                            grace_seconds=settings.recovery_grace_seconds)
+    recovery = RecoveryLoop(
+        sender.app,
+        get_job_store(),
+        interval=settings.recovery_interval,
+        grace_seconds=settings.recovery_grace_seconds,
+    )
     _maintenance.append(_Maintenance(registry, recovery))
     _maintenance[-1].start()
 

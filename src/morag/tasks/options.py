@@ -16,8 +16,7 @@ def chunking_options(options: dict[str, Any] | None) -> ChunkingOptions:
     try:
         return ChunkingOptions(
             chunk_tokens=int(options.get("chunk_size_tokens", settings.chunk_size_tokens)),
-            overlap_tokens=int(options.get("chunk_overlap_tokens",
-                                           settings.chunk_overlap_tokens)),
+            overlap_tokens=int(options.get("chunk_overlap_tokens", settings.chunk_overlap_tokens)),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"invalid chunking options: {exc}") from exc
@@ -42,6 +41,9 @@ def input_file(file_path: str) -> Path:
         raise InvalidInputError("file_path must be a non-empty path")
     path = ensure_inside(Path(file_path), settings.input_roots)
     if not path.is_file():
-        raise InvalidInputError("the input file does not exist (was it uploaded to shared "
-                                "storage the worker can read?)", details={"path": file_path})
+        raise InvalidInputError(
+            "the input file does not exist (was it uploaded to shared "
+            "storage the worker can read?)",
+            details={"path": file_path},
+        )
     return path

@@ -53,8 +53,7 @@ class _LeaseKeeper:
             self._current = (store, task_id, worker)
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="morag-lease",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="morag-lease", daemon=True)
                 self._thread.start()
 
     def release(self) -> None:
@@ -85,23 +84,30 @@ class ProcessingTask(BaseTask):
     max_retries = None  # attempts are counted by the job record (settings.max_attempts)
 
     # -- submission ------------------------------------------------------------------------
-    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-                    **options: Any) -> Any:
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> Any:
         """Publish, writing the job record first so no status read can race the worker."""
         task_id = task_id or str(uuid.uuid4())
         self.create_job_record(task_id, args or (), kwargs or {})  # no-op for a retry
         return super().apply_async(args, kwargs, task_id=task_id, **options)
 
-    def submit(self, *, kwargs: dict[str, Any], extra: dict[str, str] | None = None,
-               task_id: str | None = None) -> str:
+    def submit(
+        self,
+        *,
+        kwargs: dict[str, Any],
+        extra: dict[str, str] | None = None,
+        task_id: str | None = None,
+    ) -> str:
         """Create the record (with API fields such as batch id, webhook) and publish."""
         task_id = task_id or str(uuid.uuid4())
         self.create_job_record(task_id, (), kwargs, extra=extra)
         super().apply_async((), kwargs, task_id=task_id)
         return task_id
 
-    def create_job_record(self, task_id: str, args: Any, kwargs: dict[str, Any],
-                          extra: dict[str, str] | None = None) -> bool:
+    def create_job_record(
+        self, task_id: str, args: Any, kwargs: dict[str, Any], extra: dict[str, str] | None = None
+    ) -> bool:
         inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
         return get_job_store().create(
             task_id,
@@ -124,9 +130,14 @@ class ProcessingTask(BaseTask):
             return self.run(*args, **kwargs)  # plain function call: no job record
         store = get_job_store()
         worker = worker_identity()
-        claim = store.start(task_id, worker=worker, lease_seconds=settings.lease_seconds,
-                            max_attempts=settings.max_attempts, kind=self.kind,
-                            queue=self.queue_name)
+        claim = store.start(
+            task_id,
+            worker=worker,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            kind=self.kind,
+            queue=self.queue_name,
+        )
         log = logger.bind(task_id=task_id, task_name=self.name)
         if claim.outcome == "busy":
             # Another live process holds the lease (a duplicate delivery): look again once
@@ -142,14 +153,20 @@ class ProcessingTask(BaseTask):
         try:
             value = self.run(*args, **kwargs)
         except JobCancelledError:
-            store.finish(task_id, TaskStatus.REVOKED, message="cancelled while running",
-                         worker=worker)
+            store.finish(
+                task_id, TaskStatus.REVOKED, message="cancelled while running", worker=worker
+            )
             log.info("job cancelled while running")
             raise Ignore() from None
         except SoftTimeLimitExceeded:
             limit = self.soft_time_limit
-            self._fail(store, task_id, worker, "TimeLimitExceeded",
-                       f"the job took longer than its time limit of {limit} s")
+            self._fail(
+                store,
+                task_id,
+                worker,
+                "TimeLimitExceeded",
+                f"the job took longer than its time limit of {limit} s",
+            )
             raise
         except MoragError as exc:
             if exc.retryable and int(claim.detail) < settings.max_attempts:
@@ -157,35 +174,61 @@ class ProcessingTask(BaseTask):
             self._fail(store, task_id, worker, type(exc).__name__, exc.message)
             raise
         except Exception as exc:
-            self._fail(store, task_id, worker, type(exc).__name__,
-                       f"unexpected error while processing: {exc}")
+            self._fail(
+                store,
+                task_id,
+                worker,
+                type(exc).__name__,
+                f"unexpected error while processing: {exc}",
+            )
             raise
         finally:
             _lease_keeper.release()
         summary, result = _split_result(value)
-        outcome = store.finish(task_id, TaskStatus.SUCCESS, message="done", worker=worker,
-                               summary=summary, result=result)
+        outcome = store.finish(
+            task_id,
+            TaskStatus.SUCCESS,
+            message="done",
+            worker=worker,
+            summary=summary,
+            result=result,
+        )
         log.info("job finished", state=outcome.detail)
         return summary
 
-    def _fail(self, store: JobStore, task_id: str, worker: str, error_type: str,
-              message: str) -> None:
-        store.finish(task_id, TaskStatus.FAILURE, message=message, worker=worker,
-                     error_type=error_type, error_message=message)
+    def _fail(
+        self, store: JobStore, task_id: str, worker: str, error_type: str, message: str
+    ) -> None:
+        store.finish(
+            task_id,
+            TaskStatus.FAILURE,
+            message=message,
+            worker=worker,
+            error_type=error_type,
+            error_message=message,
+        )
 
-    def _retry_later(self, store: JobStore, task_id: str, worker: str, exc: MoragError,
-                     attempt: int) -> Exception:
+    def _retry_later(
+        self, store: JobStore, task_id: str, worker: str, exc: MoragError, attempt: int
+    ) -> Exception:
         """Record the retry and publish it with exponential backoff; returns Celery's Retry."""
-        delay = min(settings.retry_backoff_seconds * 2 ** (attempt - 1),
-                    settings.retry_backoff_max_seconds)
-        store.mark_retry(task_id, message=f"retrying in {delay:.0f} s: {exc.message}",
-                         error_type=type(exc).__name__, error_message=exc.message,
-                         worker=worker, retry_at=utcnow() + timedelta(seconds=delay))
+        delay = min(
+            settings.retry_backoff_seconds * 2 ** (attempt - 1), settings.retry_backoff_max_seconds
+        )
+        store.mark_retry(
+            task_id,
+            message=f"retrying in {delay:.0f} s: {exc.message}",
+            error_type=type(exc).__name__,
+            error_message=exc.message,
+            worker=worker,
+            retry_at=utcnow() + timedelta(seconds=delay),
+        )
         return self.retry(exc=exc, countdown=delay, max_retries=None, throw=False)
 
     # -- used by task bodies -----------------------------------------------------------------
-    def update_progress(self, progress: float, message: str | None = None,
-                        stage: str | None = None, **metadata: Any) -> None:
+    def update_progress(
+        self, progress: float, message: str | None = None, stage: str | None = None, **metadata: Any
+    ) -> None:
         """Report progress (0..1). Raises JobCancelledError when the job was cancelled.
 
         Stage changes are always written; percentage-only updates at most every
@@ -199,9 +242,14 @@ class ProcessingTask(BaseTask):
         if stage == job["stage"] and now - job["last_write"] < settings.progress_min_interval:
             return
         job["stage"], job["last_write"] = stage, now
-        answer = job["store"].progress(self.request.id, progress, stage, message or stage,
-                                       worker=job["worker"],
-                                       lease_seconds=settings.lease_seconds)
+        answer = job["store"].progress(
+            self.request.id,
+            progress,
+            stage,
+            message or stage,
+            worker=job["worker"],
+            lease_seconds=settings.lease_seconds,
+        )
         if answer != "ok":
             raise JobCancelledError(f"job stopped: {answer}")
 

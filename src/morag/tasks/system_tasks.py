@@ -18,11 +18,19 @@ from morag.core.errors import InvalidInputError, TransientError
 from morag.tasks.processing import ProcessingTask
 
 
-@celery_app.task(bind=True, base=ProcessingTask,
-                 soft_time_limit=settings.soft_time_limit("celery"),
-                 time_limit=settings.hard_time_limit("celery"))
-def probe(self: ProcessingTask, steps: int = 0, step_seconds: float = 0.0,
-          fault: str = "", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+@celery_app.task(
+    bind=True,
+    base=ProcessingTask,
+    soft_time_limit=settings.soft_time_limit("celery"),
+    time_limit=settings.hard_time_limit("celery"),
+)
+def probe(
+    self: ProcessingTask,
+    steps: int = 0,
+    step_seconds: float = 0.0,
+    fault: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run ``steps`` steps of ``step_seconds`` each, reporting progress after each."""
     if fault and not settings.enable_fault_injection:
         raise InvalidInputError("fault injection is disabled on this worker")

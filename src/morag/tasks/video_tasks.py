@@ -15,19 +15,32 @@ class VideoTask(ProcessingTask):
     kind = "video"
 
 
-@celery_app.task(bind=True, base=VideoTask,
-                 soft_time_limit=settings.soft_time_limit("video_processing"),
-                 time_limit=settings.hard_time_limit("video_processing"))
-def process_video_task(self: VideoTask, file_path: str, metadata: dict[str, Any] | None = None,
-                       options: dict[str, Any] | None = None) -> Any:
+@celery_app.task(
+    bind=True,
+    base=VideoTask,
+    soft_time_limit=settings.soft_time_limit("video_processing"),
+    time_limit=settings.hard_time_limit("video_processing"),
+)
+def process_video_task(
+    self: VideoTask,
+    file_path: str,
+    metadata: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Metadata, keyframes and a transcript of a video."""
     from morag.processors.video import process_video
 
     self.update_progress(0.01, "checking the input", stage="validating")
     path = input_file(file_path)
     assert settings.artifact_dir is not None
-    return process_video(path, artifact_dir=settings.artifact_dir, job_id=self.request.id,
-                         model=settings.whisper_model, device=settings.whisper_device,
-                         compute_type=settings.whisper_compute_type,
-                         options=chunking_options(options), limits=processor_limits(),
-                         progress=self.progress_callback)
+    return process_video(
+        path,
+        artifact_dir=settings.artifact_dir,
+        job_id=self.request.id,
+        model=settings.whisper_model,
+        device=settings.whisper_device,
+        compute_type=settings.whisper_compute_type,
+        options=chunking_options(options),
+        limits=processor_limits(),
+        progress=self.progress_callback,
+    )

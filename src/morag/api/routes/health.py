@@ -25,8 +25,9 @@ _ping_clients: dict[str, redis.Redis] = {}
 def _ping_client(url: str) -> redis.Redis:
     # Short timeouts: a health check must not hang on an unreachable Redis.
     if url not in _ping_clients:
-        _ping_clients[url] = redis.Redis.from_url(url, socket_connect_timeout=0.5,
-                                                  socket_timeout=0.5)
+        _ping_clients[url] = redis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
     return _ping_clients[url]
 
 
@@ -53,8 +54,14 @@ def readiness() -> JSONResponse:
         services["workers"] = stats["workers"]
     else:
         services["celery"] = "unknown: Redis is unreachable"
-    ready = services["redis"] == "healthy" and not queues_without_consumers and bool(
-        services.get("workers"))
-    body = {"status": "ready" if ready else "not_ready", "services": services,
-            "queues_without_consumers": queues_without_consumers}
+    ready = (
+        services["redis"] == "healthy"
+        and not queues_without_consumers
+        and bool(services.get("workers"))
+    )
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "services": services,
+        "queues_without_consumers": queues_without_consumers,
+    }
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,15 @@
+# One image for the API and the workers; the command picks the role.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN useradd --create-home --uid 1000 morag
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install . && mkdir /data && chown morag:morag /data
+
+USER morag
+ENV MORAG_DATA_DIR=/data
+VOLUME ["/data"]
+EXPOSE 8000
+CMD ["morag", "api", "--host", "0.0.0.0"]

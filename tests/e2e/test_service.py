@@ -1,0 +1,150 @@
+"""The service as processes: health over HTTP, Celery's own tools and Flower seeing the
+workers, and ``morag up`` starting and stopping everything with an embedded Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from morag.core.config import ALL_QUEUES
+from tests.harness import ROOT, free_port, wait_for
+
+
+def test_liveness_is_fast(api_server: str) -> None:
+    started = time.monotonic()
+    response = httpx.get(f"{api_server}/health")
+    assert response.status_code == 200 and response.json() == {"status": "alive"}
+    assert time.monotonic() - started < 0.5
+
+
+def test_readiness_names_queues_without_consumers(api_server: str, workers) -> None:
+    started = time.monotonic()
+    response = httpx.get(f"{api_server}/health/ready")
+    assert time.monotonic() - started < 1.0  # no worker answers, yet no remote-control wait
+    assert response.status_code == 503
+    body = response.json()
+    assert body["services"]["redis"] == "healthy"
+    assert sorted(body["queues_without_consumers"]) == sorted(ALL_QUEUES)
+
+    workers.start(queues="document_processing")
+    body = httpx.get(f"{api_server}/health/ready").json()
+    assert sorted(body["queues_without_consumers"]) == sorted(
+        q for q in ALL_QUEUES if q != "document_processing"
+    )
+
+    workers.start(queues="audio_processing,video_processing,web_processing,celery")
+    started = time.monotonic()
+    response = httpx.get(f"{api_server}/health/ready")
+    assert time.monotonic() - started < 1.0
+    assert response.status_code == 200, response.text
+    assert response.json()["queues_without_consumers"] == []
+
+
+def celery_command(*args: str, timeout: float = 30) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "morag.core.celery_app", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=os.environ,
+        check=False,
+    )
+    return result.stdout + result.stderr
+
+
+def test_celery_inspect_sees_the_workers_and_their_queues(workers) -> None:
+    worker = workers.start(queues="document_processing,celery")
+    name = worker.log_path.stem
+    output = celery_command("inspect", "active_queues", "--timeout=5")
+    assert f"{name}-" in output or name in output, output
+    assert "document_processing" in output and "audio_processing" not in output
+
+
+def test_flower_sees_the_workers(workers, tmp_path: Path) -> None:
+    workers.start(queues="web_processing")
+    port = free_port()
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "morag.core.celery_app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env={**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+
+        def workers_seen() -> dict | None:
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/api/workers?refresh=1", timeout=5)
+            except httpx.HTTPError:
+                return None
+            return reply.json() if reply.status_code == 200 and reply.json() else None
+
+        seen = wait_for(workers_seen, 60, "Flower to list the worker", interval=0.5)
+        ((worker_name, info),) = seen.items()
+        assert worker_name.startswith("w0-")
+        assert [q["name"] for q in info["active_queues"]] == ["web_processing"]
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+        log.close()
+
+
+@pytest.mark.timeout(120)
+def test_morag_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MORAG_REDIS_URL"}  # embedded Redis
+    env["MORAG_DATA_DIR"] = str(tmp_path / "data")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "morag.cli", "up", "--port", str(port), "--concurrency", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 60, "morag up to be ready", interval=0.2)
+        assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
+            (tmp_path / "data" / "redis").glob("appendonly*")
+        )
+        descendants = subprocess.run(
+            ["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True
+        ).stdout.split()
+        assert descendants, "the embedded redis-server runs with the data dir"
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    text = output.decode(errors="replace")
+    assert up.returncode == 0, text
+    assert "embedded Redis" in text and "morag: stopped" in text
+    left = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True
+    ).stdout.split()
+    assert left == [], "nothing keeps running after Ctrl-C"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
