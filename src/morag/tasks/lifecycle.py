@@ -17,7 +17,7 @@ import structlog
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
-from morag.core.config import settings
+from morag.core.config import MODALITY_QUEUES, settings
 from morag.core.redis_conn import get_redis
 from morag.services.jobs import TaskStatus, get_job_store, reset_job_stores, utcnow
 from morag.services.workers import WorkerInfo, WorkerRegistry
@@ -26,8 +26,19 @@ logger = structlog.get_logger(__name__)
 
 
 @signals.worker_process_init.connect
-def _fresh_clients_in_child(**_: Any) -> None:
-    reset_job_stores()
+def _prepare_child(**_: Any) -> None:
+    reset_job_stores()  # a forked child must not share its parent's Redis sockets
+    media_queues = {MODALITY_QUEUES["audio"], MODALITY_QUEUES["video"]}
+    if settings.preload_models and media_queues & set(_worker["queues"]):
+        # Load the speech model at start-up, not inside the first job's time limit.
+        from morag.processors.audio import load_whisper_model
+
+        try:
+            load_whisper_model(
+                settings.whisper_model, settings.whisper_device, settings.whisper_compute_type
+            )
+        except Exception as exc:  # the jobs will fail with the reason; the worker stays up
+            logger.error("could not load the speech model", error=str(exc))
 
 
 @signals.task_revoked.connect
