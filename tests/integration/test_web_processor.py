@@ -129,15 +129,19 @@ def _big(h: Handler) -> None:
         h.server.big_done.set()
 
 
-def _drip(h: Handler) -> None:
+def _drip(h: Handler, stall_after: float = 60.0) -> None:
+    """A byte every 50 ms; after ``stall_after`` s, silence. Hangs up after 5 s in any case,
+    so a client without an overall deadline fails fast instead of hanging the suite."""
     h.send_response(200)
     h.send_header("Content-Type", "text/html")
     h.send_header("Content-Length", "100000")
     h.end_headers()
+    started = time.monotonic()
     try:
-        while not h.server.stop.wait(0.05):
-            h.wfile.write(b"x")
-            h.wfile.flush()
+        while not h.server.stop.wait(0.05) and time.monotonic() - started < 5:
+            if time.monotonic() - started < stall_after:
+                h.wfile.write(b"x")
+                h.wfile.flush()
     except OSError:
         pass
 
@@ -160,6 +164,7 @@ ROUTES: dict[str, Callable[[Handler], None]] = {
     "/big": _big,
     "/big-declared": lambda h: h.send(200, b"x" * 300_000),
     "/drip": _drip,
+    "/drip-then-stall": lambda h: _drip(h, stall_after=1.5),
     "/r1": _redirect(lambda h: "/r2"),
     "/r2": _redirect(lambda h: "/r3?x=1"),
     "/r3": _redirect(lambda h: f"http://127.0.0.1:{h.server.port}/article"),
@@ -366,14 +371,17 @@ def test_declared_length_over_max_bytes_is_refused(server):
         )
 
 
-def test_a_page_that_never_finishes_ends_at_the_deadline(server):
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("path", "timeout"), [("/drip", 1.0), ("/drip-then-stall", 2.0)])
+def test_a_page_that_never_finishes_ends_at_the_deadline(server, path, timeout):
+    # per-read timeouts alone would let the drip go on, and the stall end at 1.5 s + 2 s
     started = time.monotonic()
     with pytest.raises(TransientError, match="timed out"):
         process_web(
-            server.url("/drip"), policy=LOOPBACK, limits=ProcessorLimits(web_timeout_seconds=1.0)
+            server.url(path), policy=LOOPBACK, limits=ProcessorLimits(web_timeout_seconds=timeout)
         )
     elapsed = time.monotonic() - started
-    assert 0.9 < elapsed < 2.0, elapsed
+    assert timeout - 0.1 < elapsed < timeout + 0.8, elapsed
 
 
 def test_non_html_content_type_is_refused(server):
