@@ -9,8 +9,7 @@ import pytest
 
 from morag.core.errors import InvalidInputError, UnsupportedFormatError
 from morag.processors.detect import detect_type, media_kind
-
-from .conftest import make_docx, make_pdf, make_pptx, make_xlsx
+from tests.samples import make_docx, make_pdf, make_pptx, make_xlsx
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 

@@ -19,8 +19,7 @@ from morag.processors.document import (
     process_document,
     split_markdown_sections,
 )
-
-from .conftest import PAGE_TEXT, make_pdf, make_zip_bomb
+from tests.samples import PAGE_TEXT, make_pdf, make_zip_bomb
 
 
 class Recorder:

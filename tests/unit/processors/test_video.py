@@ -14,10 +14,9 @@ from PIL import Image
 from morag.core.errors import InvalidInputError, JobCancelledError, LimitExceededError
 from morag.processors.base import ProcessorLimits
 from morag.processors.video import process_video
+from tests.samples import SPEECH, colour_at, make_video
 
-SPEECH = Path(__file__).parents[2] / "fixtures" / "speech.wav"
 KEY_WORDS = {"quick", "brown", "fox", "lazy", "dog"}
-COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 40)]
 STAGES = ["validating", "extracting_keyframes", "transcribing", "chunking", "finalising"]
 
 
@@ -28,53 +27,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
-
-
-def colour_at(seconds: float, change_every: float) -> tuple[int, int, int]:
-    return COLOURS[int(seconds // change_every) % len(COLOURS)]
-
-
-def make_video(
-    path: Path | io.RawIOBase,
-    *,
-    seconds: float = 8.0,
-    fps: int = 10,
-    size: tuple[int, int] = (160, 120),
-    codec: str = "libx264",
-    codec_options: dict[str, str] | None = None,
-    audio_codec: str | None = "aac",
-    audio_rate: int = 16000,
-    change_every: float = 2.0,
-    container_format: str | None = None,
-) -> Path | io.RawIOBase:
-    """Solid colours changing every ``change_every`` s (a moving square keeps frames
-    distinct), plus the speech fixture as the audio track unless ``audio_codec`` is None."""
-    width, height = size
-    target = str(path) if isinstance(path, Path) else path
-    with av.open(target, "w", format=container_format) as out:
-        # Every stream must exist before the first packet is muxed.
-        video = out.add_stream(codec, rate=fps, options=codec_options or {})
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = out.add_stream(audio_codec, rate=audio_rate, layout="mono") if audio_codec else None
-        for i in range(int(seconds * fps)):
-            image = np.empty((height, width, 3), np.uint8)
-            image[:] = colour_at(i / fps, change_every)
-            x = (i * 3) % (width - 8)
-            image[height // 4 : height // 4 + 8, x : x + 8] = 255
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            out.mux(video.encode(frame))
-        out.mux(video.encode(None))
-        if audio is not None:
-            resampler = av.AudioResampler(format=audio.format.name, layout="mono", rate=audio_rate)
-            with av.open(str(SPEECH)) as speech:
-                for frame in [*speech.decode(audio=0), None]:
-                    if frame is not None:
-                        frame.pts = None
-                    for converted in resampler.resample(frame):
-                        out.mux(audio.encode(converted))
-            out.mux(audio.encode(None))
-    return path
 
 
 def mean_colour(jpeg: Path) -> np.ndarray:
