@@ -34,7 +34,7 @@ def process_web_task(
     self.update_progress(0.01, "checking the URL", stage="validating")
     return process_web(
         url,
-        policy=UrlPolicy(allow=list(settings.ssrf_allow)),
+        policy=UrlPolicy.from_settings(settings),
         options=chunking_options(options),
         limits=processor_limits(),
         progress=self.progress_callback,
