@@ -64,7 +64,7 @@ def up(
     from morag.core.config import Settings
     from morag.core.embedded_redis import EmbeddedRedis, _die_with_parent
 
-    env = dict(os.environ)
+    # Flags become MORAG_* variables, so this process and its children agree on them.
     for name, value in (
         ("API_HOST", host),
         ("API_PORT", port),
@@ -72,8 +72,9 @@ def up(
         ("WORKER_CONCURRENCY", concurrency),
     ):
         if value:
-            env[f"MORAG_{name}"] = str(value)
-    cfg = Settings(_env_file=None, **_settings_from(env))
+            os.environ[f"MORAG_{name}"] = str(value)
+    cfg = Settings()
+    env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -112,15 +113,6 @@ def up(
         if embedded is not None:
             embedded.stop()
         typer.echo("morag: stopped")
-
-
-def _settings_from(env: dict[str, str]) -> dict[str, str]:
-    """MORAG_* variables as settings fields (so flags and env agree in ``up``)."""
-    return {
-        key[len("MORAG_") :].lower(): value
-        for key, value in env.items()
-        if key.startswith("MORAG_")
-    }
 
 
 def _stop_child(name: str, child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
 
     # --- Jobs ---------------------------------------------------------------------------
     result_retention_seconds: int = 7 * 24 * 3600
-    max_attempts: int = Field(3, ge=1, description="starts of a job before it fails for good")
+    max_attempts: Annotated[int, Field(ge=1)] = 3  # starts of a job before it fails for good
     retry_backoff_seconds: float = 2.0
     retry_backoff_max_seconds: float = 120.0
     progress_min_interval: float = 0.25  # seconds between two percentage-only progress writes
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     visibility_timeout: int = 0  # 0: longest hard limit + 600 s
 
     # --- Worker and service -------------------------------------------------------------
-    worker_concurrency: int = Field(2, ge=1)
+    worker_concurrency: Annotated[int, Field(ge=1)] = 2
     worker_queues: CommaList = list(ALL_QUEUES)
     api_host: str = "127.0.0.1"
     api_port: int = 8000

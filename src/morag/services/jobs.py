@@ -538,7 +538,7 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskInfo | None:
-        raw = self.redis.hgetall(self.job_key(task_id))
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.job_key(task_id))  # type: ignore[assignment]
         return TaskInfo.from_hash(raw) if raw else None
 
     def get_many(self, task_ids: Iterable[str]) -> list[TaskInfo | None]:
@@ -573,7 +573,7 @@ class JobStore:
             ids = self.redis.zrevrangebyscore(self.index_key, high, low, start=offset, num=count)
         else:
             ids = self.redis.zrangebyscore(self.index_key, low, high, start=offset, num=count)
-        return [_s(i) for i in ids]
+        return [_s(i) for i in ids]  # type: ignore[arg-type]
 
     def prune_index(self) -> int:
         """Drop index entries older than the retention (their records have expired)."""
