@@ -38,18 +38,20 @@ def wait_for(
 
 
 def find_redis() -> tuple[str, Any]:
-    """A Redis URL: MORAG_TEST_REDIS_URL, a local one on 6379, or an embedded one.
+    """A Redis URL: MORAG_TEST_REDIS_URL, a local one on 6379, or an embedded one
+    (also forced with MORAG_TEST_REDIS_URL=embedded, as on a machine without Redis).
 
     Returns the URL and the embedded server to stop (or None).
     """
-    url = os.environ.get("MORAG_TEST_REDIS_URL")
-    if url:
+    url = os.environ.get("MORAG_TEST_REDIS_URL", "")
+    if url and url != "embedded":
         return url, None
-    try:
-        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.3).ping()
-        return "redis://127.0.0.1:6379/0", None
-    except redis.RedisError:
-        pass
+    if not url:
+        try:
+            redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.3).ping()
+            return "redis://127.0.0.1:6379/0", None
+        except redis.RedisError:
+            pass
     from morag.core.embedded_redis import EmbeddedRedis
 
     data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"morag-test-redis-{uuid.uuid4().hex[:6]}"
