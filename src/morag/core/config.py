@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     api_keys: CommaList = []
     cors_origins: CommaList = []
     webhook_secret: str = ""  # base64 secret for signing webhooks (whsec_...)
+    webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # one attempt, end to end
+    webhook_max_attempts: Annotated[int, Field(ge=1)] = 6
+    webhook_backoff_seconds: Annotated[float, Field(ge=0)] = 2.0  # first retry; x3 each time
     batch_max_items: int = 100
     max_metadata_bytes: int = 64 * 1024
 
@@ -121,6 +124,25 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: str) -> str:
+        # refuse at start-up a secret that could sign nothing, rather than at each delivery
+        if value:
+            import base64
+            import binascii
+
+            text = value.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            except binascii.Error:
+                raise ValueError(
+                    "webhook_secret must be base64, optionally 'whsec_'-prefixed"
+                ) from None
+            if len(key) < 16:
+                raise ValueError("webhook_secret must decode to at least 16 bytes")
+        return value
 
     @field_validator("worker_queues")
     @classmethod

@@ -1,7 +1,7 @@
 """SSRF-safe URL checks and fetching.
 
 Three layers, each usable alone (the web processor uses ``fetch``; the webhook sender
-uses ``validate_url`` and ``safe_client``):
+uses ``post``; both are built on ``validate_url`` and ``safe_client``):
 
 * ``validate_url`` — syntax only, no DNS: scheme, host, no credentials, literal addresses.
 * ``check_address`` — is one IP address a public unicast address (or allowed by policy)?
@@ -414,13 +414,13 @@ def safe_client(
 
 
 @contextmanager
-def _http_errors(url: str, timeout: float) -> Iterator[None]:
+def _http_errors(url: str, timeout: float, doing: str = "fetching") -> Iterator[None]:
     """Translate httpx failures into morag's error kinds."""
     try:
         yield
     except httpx.TimeoutException:
         raise TransientError(
-            f"timed out fetching {url} (limit {timeout:g} s)", details={"url": url}
+            f"timed out {doing} {url} (limit {timeout:g} s)", details={"url": url}
         ) from None
     except httpx.DecodingError as exc:
         raise InvalidInputError(f"cannot decode the response from {url}: {exc}") from None
@@ -434,7 +434,7 @@ def _http_errors(url: str, timeout: float) -> Iterator[None]:
         raise TransientError(f"cannot connect to {url}: {exc}", details={"url": url}) from None
     except httpx.TransportError as exc:
         raise TransientError(
-            f"network error fetching {url}: {exc or type(exc).__name__}", details={"url": url}
+            f"network error {doing} {url}: {exc or type(exc).__name__}", details={"url": url}
         ) from None
 
 
@@ -549,3 +549,67 @@ def _remaining_or_fail(deadline: float, url: str, timeout: float) -> float:
             f"timed out fetching {url} (limit {timeout:g} s)", details={"url": url}
         )
     return left
+
+
+# --- posting -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostResult:
+    status: int
+    headers: dict[str, str]
+    content: bytes  # the start of the answer's body, at most ``max_response_bytes``
+
+
+def post(
+    url: str,
+    policy: UrlPolicy,
+    *,
+    content: bytes,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    max_response_bytes: int = 4096,
+    resolver: Resolver | None = None,
+    connector: Connector | None = None,
+    verify: Any = True,
+) -> PostResult:
+    """POST ``content`` to ``url`` through the guard; redirects are answers, not followed.
+
+    ``timeout`` bounds the whole exchange (DNS, connect, upload, answer). Any HTTP status
+    is returned for the caller to judge; a refused target raises ``ForbiddenTargetError``
+    before anything is sent, a timeout or network failure ``TransientError``.
+    """
+    deadline = time.monotonic() + timeout
+    target = validate_url(url, policy)
+    with (
+        safe_client(
+            policy,
+            timeout=timeout,
+            resolver=resolver,
+            connector=connector,
+            deadline=deadline,
+            verify=verify,
+        ) as client,
+        _http_errors(target, timeout, "posting to"),
+    ):
+        request = client.build_request(
+            "POST",
+            target,
+            content=content,
+            headers=headers,
+            timeout=_remaining_or_fail(deadline, target, timeout),
+        )
+        response = client.send(request, stream=True)
+        try:
+            body = bytearray()
+            for piece in response.iter_raw():  # only a snippet for the log: keep it raw
+                body += piece[: max_response_bytes - len(body)]
+                if len(body) >= max_response_bytes:
+                    break  # the rest is not worth the wait
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("overall deadline passed")
+            return PostResult(
+                status=response.status_code, headers=dict(response.headers), content=bytes(body)
+            )
+        finally:
+            response.close()

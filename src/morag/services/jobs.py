@@ -14,6 +14,7 @@ Keys, under ``<prefix>:``::
     job:<id>:lease      string with TTL: held while a process runs the job
     jobs                sorted set: id -> creation time (listing)
     events:<id>         pub/sub channel of the job's events
+    webhooks:outbox     list: webhooks owed by final transitions (services/webhooks.py)
 """
 
 from __future__ import annotations
@@ -165,6 +166,15 @@ end
 local function is_final(state)
   return state == 'success' or state == 'failure' or state == 'revoked'
 end
+-- Called by every transition to a final state: the webhook it owes is queued in the same
+-- atomic write, so a process dying right after the transition loses no webhook.
+local function webhook_due(job_key, outbox_key, state, ts)
+  local url = redis.call('HGET', job_key, 'webhook_url')
+  if url and url ~= '' then
+    redis.call('RPUSH', outbox_key, cjson.encode(
+      {task_id=redis.call('HGET', job_key, 'id'), state=state, ts=ts}))
+  end
+end
 """.replace("HISTORY_MAX", str(HISTORY_MAX))
 
 # KEYS: job, history, index, channel | ARGV: id, ts, score, then field/value pairs
@@ -183,7 +193,8 @@ return 1
 """
 )
 
-# KEYS: job, history, lease, channel | ARGV: ts, worker, lease_ms, max_attempts, id, kind, queue
+# KEYS: job, history, lease, channel, outbox | ARGV: ts, worker, lease_ms, max_attempts, id,
+#       kind, queue
 # Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
 _START = (
     _EMIT
@@ -202,6 +213,7 @@ if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
              'updated_at', ARGV[1], 'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
        attempts, nil)
+  webhook_due(KEYS[1], KEYS[5], 'revoked', ARGV[1])
   return {'cancelled', 'revoked'}
 end
 local holder = redis.call('GET', KEYS[3])
@@ -213,6 +225,7 @@ if attempts >= tonumber(ARGV[4]) then
              'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
              'message', msg)
   emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
+  webhook_due(KEYS[1], KEYS[5], 'failure', ARGV[1])
   return {'exhausted', tostring(attempts)}
 end
 attempts = attempts + 1
@@ -248,7 +261,7 @@ return 'ok'
 """
 )
 
-# KEYS: job, history, lease, channel, result | ARGV: ts, state, message, error_type,
+# KEYS: job, history, lease, channel, result, outbox | ARGV: ts, state, message, error_type,
 #       error_message, summary_json, result_json, retention_s, worker
 # Returns {outcome, state}: ok | final | missing
 _FINISH = (
@@ -277,6 +290,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message,
      redis.call('HGET', KEYS[1], 'attempts'), nil)
+webhook_due(KEYS[1], KEYS[6], state, ARGV[1])
 return {'ok', state}
 """
 )
@@ -298,7 +312,7 @@ return 1
 """
 )
 
-# KEYS: job, history, channel | ARGV: ts, retention_s
+# KEYS: job, history, channel, outbox | ARGV: ts, retention_s
 # Returns {outcome, state}: missing | final | revoked (was queued) | cancelling (is running)
 _CANCEL = (
     _EMIT
@@ -316,11 +330,25 @@ if state == 'pending' or state == 'retry' then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   emit(KEYS[2], KEYS[3], ARGV[1], 'revoked', progress, 'revoked',
        'cancelled before it started', attempts, nil)
+  webhook_due(KEYS[1], KEYS[4], 'revoked', ARGV[1])
   return {'revoked', 'revoked'}
 end
 emit(KEYS[2], KEYS[3], ARGV[1], state, progress, 'cancelling', 'cancellation requested',
      attempts, nil)
 return {'cancelling', state}
+"""
+)
+
+# KEYS: job, history, channel | ARGV: ts, stage, message, extra_json
+# An event that is no state change (a webhook delivery attempt): the record is untouched.
+_EVENT = (
+    _EMIT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts')
+emit(KEYS[2], KEYS[3], ARGV[1], h[1], h[2] or '0', ARGV[2], ARGV[3], h[3] or '0',
+     cjson.decode(ARGV[4]))
+return 1
 """
 )
 
@@ -350,6 +378,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
         self._cancel = client.register_script(_CANCEL)
+        self._event = client.register_script(_EVENT)
 
     # -- keys -----------------------------------------------------------------------------
     def job_key(self, task_id: str) -> str:
@@ -370,6 +399,11 @@ class JobStore:
     @property
     def index_key(self) -> str:
         return f"{self.prefix}:jobs"
+
+    @property
+    def outbox_key(self) -> str:
+        """Webhooks owed by final transitions, oldest first (services/webhooks.py)."""
+        return f"{self.prefix}:webhooks:outbox"
 
     # -- writes ---------------------------------------------------------------------------
     def create(
@@ -422,6 +456,7 @@ class JobStore:
                 self.history_key(task_id),
                 self.lease_key(task_id),
                 self.channel(task_id),
+                self.outbox_key,
             ],
             args=[
                 _iso(utcnow()),
@@ -485,6 +520,7 @@ class JobStore:
                 self.lease_key(task_id),
                 self.channel(task_id),
                 self.result_key(task_id),
+                self.outbox_key,
             ],
             args=[
                 _iso(utcnow()),
@@ -525,10 +561,30 @@ class JobStore:
     def request_cancel(self, task_id: str) -> Outcome:
         """Flag the job cancelled: missing | final | revoked (was queued) | cancelling."""
         outcome, state = self._cancel(
-            keys=[self.job_key(task_id), self.history_key(task_id), self.channel(task_id)],
+            keys=[
+                self.job_key(task_id),
+                self.history_key(task_id),
+                self.channel(task_id),
+                self.outbox_key,
+            ],
             args=[_iso(utcnow()), self.retention_seconds],
         )
         return Outcome(_s(outcome), _s(state))
+
+    def append_event(
+        self, task_id: str, *, stage: str, message: str, extra: dict[str, Any] | None = None
+    ) -> bool:
+        """Add an event that changes no state (e.g. a webhook attempt) to the history.
+
+        The event carries the job's current state, progress and attempt; False when the
+        record is gone.
+        """
+        return bool(
+            self._event(
+                keys=[self.job_key(task_id), self.history_key(task_id), self.channel(task_id)],
+                args=[_iso(utcnow()), stage, message, json.dumps(extra or {})],
+            )
+        )
 
     def refresh_lease(self, task_id: str, worker: str, lease_seconds: float) -> None:
         """Extend the lease if this worker still holds it."""

@@ -3,8 +3,9 @@
 - A forked pool child drops the Redis clients it inherited.
 - A job terminated by ``revoke`` ends REVOKED; a job killed by the hard time limit ends
   FAILURE (Celery reports both in the worker's main process, where the task never ran).
-- Each worker announces itself (services/workers.py) and restores jobs held by dead
-  workers (services/recovery.py) from one maintenance thread.
+- Each worker announces itself (services/workers.py), restores jobs held by dead
+  workers (services/recovery.py) and dispatches owed webhooks (services/webhooks.py) from
+  one maintenance thread.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _remember_worker(sender: str = "", instance: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect
 def _start_maintenance(sender: Any = None, **_: Any) -> None:
     from morag.services.recovery import RecoveryLoop
+    from morag.services.webhooks import WebhookOutbox, celery_publisher
 
     registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
     recovery = RecoveryLoop(
@@ -90,7 +92,10 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
         interval=settings.recovery_interval,
         grace_seconds=settings.recovery_grace_seconds,
     )
-    _maintenance.append(_Maintenance(registry, recovery))
+    outbox = WebhookOutbox(
+        get_redis(settings.redis_url), settings.key_prefix, celery_publisher(sender.app)
+    )
+    _maintenance.append(_Maintenance(registry, recovery, outbox))
     _maintenance[-1].start()
 
 
@@ -101,12 +106,14 @@ def _stop_maintenance(**_: Any) -> None:
 
 
 class _Maintenance(threading.Thread):
-    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones."""
+    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones,
+    send the webhooks owed by jobs that ended."""
 
-    def __init__(self, registry: WorkerRegistry, recovery: Any) -> None:
+    def __init__(self, registry: WorkerRegistry, recovery: Any, outbox: Any = None) -> None:
         super().__init__(name="morag-maintenance", daemon=True)
         self.registry = registry
         self.recovery = recovery
+        self.outbox = outbox
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -120,6 +127,11 @@ class _Maintenance(threading.Thread):
                 self.recovery.run_once()
             except Exception as exc:  # Redis away: the next round tries again
                 logger.warning("worker maintenance failed", error=str(exc))
+            try:
+                if self.outbox is not None:
+                    self.outbox.dispatch()
+            except Exception as exc:  # entries stay in the outbox for the next round
+                logger.warning("webhook dispatch failed", error=str(exc))
             self._stopped.wait(interval)
 
     def stop(self) -> None:

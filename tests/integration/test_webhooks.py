@@ -1,0 +1,288 @@
+"""Webhooks against a real Redis, real workers and a receiver on 127.0.0.1.
+
+No test sends a packet anywhere but 127.0.0.1: refused targets (10.0.0.1, or loopback
+under a policy that refuses it) are stopped by the guard before any connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook
+
+from morag.core.config import settings
+from morag.core.redis_conn import get_redis
+from morag.core.url_guard import UrlPolicy
+from morag.services.jobs import TaskStatus, get_job_store
+from morag.services.task_manager import task_manager
+from morag.services.webhooks import WebhookOutbox, WebhookSender, message_id
+from morag.tasks.system_tasks import probe
+from tests.harness import wait_for
+from tests.webhook_receiver import HANG, SECRET, Received, receivers
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Any]:
+    with receivers() as make:
+        yield make
+
+
+@pytest.fixture
+def signing(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The secret in this process too (in-process senders sign with it)."""
+    monkeypatch.setattr(settings, "webhook_secret", SECRET)
+    return SECRET
+
+
+def submit(url: str, **kwargs: Any) -> str:
+    return probe.submit(kwargs=kwargs, extra={"webhook_url": url})
+
+
+def webhook_events(task_id: str) -> list[dict[str, Any]]:
+    return [e for e in get_job_store().history(task_id) if e["stage"] == "webhook"]
+
+
+def wait_webhook_outcome(task_id: str, outcome: str, timeout: float = 30) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        hits = [e for e in webhook_events(task_id) if e.get("webhook_outcome") == outcome]
+        return hits[-1] if hits else None
+
+    return wait_for(found, timeout, f"webhook {outcome} for {task_id}")
+
+
+def verified(request: Received, secret: str = SECRET) -> dict[str, Any]:
+    """The event, after checking its Standard Webhooks signature."""
+    return Webhook(secret).verify(request.body, request.headers)
+
+
+# --- the outbox: owed atomically by the final transition, dispatched without loss -------
+
+
+def test_every_final_transition_owes_exactly_one_webhook() -> None:
+    store = get_job_store()
+    outbox = store.redis
+
+    def new(webhook: bool = True) -> str:
+        task_id = str(uuid.uuid4())
+        extra = {"webhook_url": "http://127.0.0.1:9/hook"} if webhook else None
+        store.create(task_id, kind="system", queue="celery", task_name="t", extra=extra)
+        return task_id
+
+    def owed() -> list[tuple[str, str]]:
+        entries = [json.loads(e) for e in outbox.lrange(store.outbox_key, 0, -1)]
+        return [(e["task_id"], e["state"]) for e in entries]
+
+    claim = {"worker": "w", "lease_seconds": 30, "max_attempts": 3}
+    done = new()
+    store.start(done, **claim)
+    store.finish(done, TaskStatus.SUCCESS, worker="w")
+    store.finish(done, TaskStatus.FAILURE, worker="w")  # the first final state wins
+    silent = new(webhook=False)
+    store.start(silent, **claim)
+    store.finish(silent, TaskStatus.SUCCESS, worker="w")
+    queued = new()
+    assert store.request_cancel(queued).outcome == "revoked"
+    exhausted = new()
+    assert store.start(exhausted, **{**claim, "max_attempts": 0}).outcome == "exhausted"
+    running = new()  # cancel requested while running, its process died: the next start ends it
+    store.start(running, **claim)
+    assert store.request_cancel(running).outcome == "cancelling"
+    store.redis.delete(store.lease_key(running))
+    assert store.start(running, **claim).outcome == "cancelled"
+
+    assert owed() == [
+        (done, "success"),
+        (queued, "revoked"),
+        (exhausted, "failure"),
+        (running, "revoked"),
+    ]
+    entry = json.loads(outbox.lindex(store.outbox_key, 0))
+    assert entry["ts"] == store.get(done).finished_at.isoformat()
+
+
+class _Died(BaseException):
+    """The dispatching process dies between claiming an entry and publishing it."""
+
+
+def test_dispatcher_crash_between_claim_and_publish_loses_nothing() -> None:
+    store = get_job_store()
+    client = get_redis(settings.redis_url)
+
+    def owe(*ids: str) -> None:
+        for task_id in ids:
+            client.rpush(store.outbox_key, json.dumps({"task_id": task_id, "state": "success"}))
+
+    def outbox(publish: Any, stale_after: float = 3600) -> WebhookOutbox:
+        return WebhookOutbox(client, settings.key_prefix, publish, stale_after=stale_after)
+
+    def die(entry: dict[str, Any]) -> None:
+        raise _Died()
+
+    def broker_down(entry: dict[str, Any]) -> None:
+        raise ConnectionError("broker unreachable")
+
+    published: list[str] = []
+
+    def publish(entry: dict[str, Any]) -> None:
+        published.append(entry["task_id"])
+
+    owe("t0", "t1", "t2")
+    with pytest.raises(_Died):
+        outbox(die).dispatch()
+    assert outbox(publish).backlog() == (0, 3)  # claimed by a dispatcher that died
+    owe("t3", "t4")
+    assert outbox(broker_down).dispatch() == 0
+    assert outbox(publish).backlog() == (2, 3)  # a failed publish gives entries back at once
+    assert outbox(publish).dispatch() == 2 and published == ["t3", "t4"]
+    assert outbox(publish).backlog() == (0, 3)  # the dead dispatcher's claims are not stale yet
+    assert outbox(publish, stale_after=0).dispatch() == 3
+    assert outbox(publish).backlog() == (0, 0)
+    assert sorted(published) == ["t0", "t1", "t2", "t3", "t4"]
+
+
+# --- in-process sender: the guard refuses before connecting ------------------------------
+
+
+def test_refused_targets_are_recorded_and_never_contacted(receiver, signing) -> None:
+    server = receiver()
+    store = get_job_store()
+    private, loopback = "http://10.0.0.1/hook", server.url()
+    ids = {}
+    for name, url in (("private", private), ("loopback", loopback)):
+        ids[name] = str(uuid.uuid4())
+        store.create(
+            ids[name], kind="system", queue="celery", task_name="t", extra={"webhook_url": url}
+        )
+        store.start(ids[name], worker="w", lease_seconds=30, max_attempts=3)
+        store.finish(ids[name], TaskStatus.SUCCESS, worker="w")
+    refusing = UrlPolicy()  # allows nothing local: loopback is refused like 10.0.0.1
+    sender = WebhookSender(store, settings, policy=refusing)
+    for name, reason in (("private", "private address"), ("loopback", "loopback address")):
+        result = sender.deliver(ids[name], "success", attempt=1, nonce="n")
+        assert result.outcome == "refused"
+        [event] = webhook_events(ids[name])
+        assert event["webhook_outcome"] == "refused" and reason in event["message"]
+        assert event["state"] == "success" and event["delivery_attempt"] == 1
+        # the delivery is over: a duplicate message changes nothing
+        assert sender.deliver(ids[name], "success", attempt=1, nonce="m").outcome == "skipped"
+    assert server.requests == []
+    # the same loopback receiver, allowed by the test policy, does get the event
+    allowed = WebhookSender(store, settings, policy=UrlPolicy(allow=("127.0.0.1",)))
+    other = str(uuid.uuid4())
+    store.create(
+        other, kind="system", queue="celery", task_name="t", extra={"webhook_url": loopback}
+    )
+    store.request_cancel(other)
+    assert allowed.deliver(other, "revoked", attempt=1, nonce="n").outcome == "delivered"
+    assert verified(server.wait_requests(1)[0])["type"] == "job.cancelled"
+
+
+# --- through workers --------------------------------------------------------------------
+
+
+def test_succeeded_job_sends_a_signed_event(workers, receiver, signing) -> None:
+    server = receiver()
+    workers.start(queues="celery", webhook_secret=SECRET)
+    task_id = submit(server.url(), steps=2, metadata={"source": "test"})
+    [request] = server.wait_requests(1)
+    event = verified(request)
+    assert request.path == "/hook"
+    assert request.headers["webhook-id"] == message_id(task_id, "success")
+    assert event["type"] == "job.succeeded"
+    data = event["data"]
+    assert data["task_id"] == task_id and data["status"] == "success"
+    assert data["result"]["steps"] == 2 and data["error"] is None
+    assert data["metadata"] == {"source": "test"} and data["attempts"] == 1
+    info = task_manager.get_task_status(task_id)
+    assert event["timestamp"] == data["finished_at"] == info.finished_at.isoformat()
+    with pytest.raises(Exception, match="signature"):
+        Webhook("whsec_" + base64.b64encode(b"another secret of 32 bytes......").decode()).verify(
+            request.body, request.headers
+        )
+    delivered = wait_webhook_outcome(task_id, "delivered")
+    assert delivered["message"] == "webhook delivered (200)"
+    assert delivered["state"] == "success" and delivered["webhook_status"] == 200
+
+
+def test_failed_delivery_is_retried_with_backoff_and_both_attempts_recorded(
+    workers, receiver, signing
+) -> None:
+    # a countdown longer than the recovery grace: the waiting retry must not be "recovered"
+    backoff = settings.recovery_grace_seconds + 2 * settings.recovery_interval
+    server = receiver([500, 200])
+    worker = workers.start(
+        queues="celery", webhook_secret=SECRET, webhook_backoff_seconds=str(backoff)
+    )
+    task_id = submit(server.url())
+    first, second = server.wait_requests(2, timeout=backoff + 30)
+    assert second.at - first.at >= backoff - 0.1
+    assert verified(first) == verified(second)  # the same event, signed again
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    wait_webhook_outcome(task_id, "delivered")
+    events = webhook_events(task_id)
+    assert [(e["webhook_outcome"], e["delivery_attempt"]) for e in events] == [
+        ("retrying", 1),
+        ("delivered", 2),
+    ]
+    assert events[0]["message"] == f"webhook failed (HTTP 500), retry in {backoff:g} s"
+    assert events[0]["webhook_status"] == 500
+    assert "restored a job" not in worker.log()  # the retry's lease kept recovery off it
+    assert len(server.requests) == 2
+
+
+def test_failed_and_cancelled_jobs_send_their_events(workers, receiver) -> None:
+    server = receiver()
+    workers.start(queues="celery", concurrency=1)  # no secret: sent unsigned
+    failed = submit(server.url("/failed"), fault="error")
+    [request] = server.wait_requests(1)
+    event = json.loads(request.body)
+    assert "webhook-signature" not in request.headers and request.headers["webhook-id"]
+    assert event["type"] == "job.failed" and event["data"]["task_id"] == failed
+    assert event["data"]["error"]["type"] == "ValueError"
+    assert "injected error" in event["data"]["error"]["message"]
+
+    running = submit(server.url("/cancelled"), steps=600, step_seconds=0.1)
+    wait_for(
+        lambda: task_manager.get_task_status(running).status is TaskStatus.PROGRESS,
+        30,
+        "the job to run",
+    )
+    task_manager.cancel(running)
+    request = server.wait_requests(2)[1]
+    event = json.loads(request.body)
+    assert request.path == "/cancelled" and event["type"] == "job.cancelled"
+    assert event["data"]["status"] == "revoked" and event["data"]["result"] is None
+
+
+def test_hanging_receiver_does_not_block_the_worker(workers, receiver) -> None:
+    server = receiver([HANG])
+    timeout = 2.0
+    workers.start(
+        queues="celery",
+        concurrency=1,
+        webhook_timeout_seconds=str(timeout),
+        webhook_backoff_seconds="600",
+    )
+    slow = submit(server.url())
+    server.wait_requests(1)  # the delivery is hanging in the worker's only process
+    submitted = time.monotonic()
+    other = probe.delay()
+    info = wait_for(
+        lambda: (i := task_manager.get_task_status(other.id)).status.is_final and i,
+        timeout + 15,
+        "the next job to finish",
+    )
+    waited = time.monotonic() - submitted
+    assert info.status is TaskStatus.SUCCESS
+    assert waited < timeout + 3, waited  # at most one bounded attempt ahead of it
+    retrying = wait_webhook_outcome(slow, "retrying")
+    assert retrying["message"].startswith("webhook failed (timed out posting to")
+    assert retrying["retry_in"] == 600 and retrying["webhook_status"] is None
