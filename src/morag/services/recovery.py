@@ -10,6 +10,12 @@ period (a live worker starts what it reserved within milliseconds with prefetch 
 
 Every worker runs this loop at start-up and then every few seconds; restoring uses
 kombu's own transactional ``restore_by_tag``, so two workers never restore a message twice.
+
+A running job's missing lease is confirmed before its message is restored: it must still
+be missing ``confirm_seconds`` (a third of the lease) after it was first seen missing. A
+live process takes its lease back within a sixth of the lease when a Redis outage let it
+expire (tasks/processing.py); restoring at first sight would hand that job to a second
+process while the first still runs it (tests/reliability/test_redis_restart.py).
 """
 
 from __future__ import annotations
@@ -43,11 +49,25 @@ def should_restore(
 class RecoveryLoop:
     """Restores messages of dead workers; ``run_once`` is called every few seconds."""
 
-    def __init__(self, app: Any, store: JobStore, *, interval: float, grace_seconds: float) -> None:
+    def __init__(
+        self,
+        app: Any,
+        store: JobStore,
+        *,
+        interval: float,
+        grace_seconds: float,
+        confirm_seconds: float | None = None,
+    ) -> None:
+        from morag.core.config import settings
+
         self.app = app
         self.store = store
         self.interval = interval
         self.grace_seconds = grace_seconds
+        self.confirm_seconds = (
+            settings.lease_seconds / 3 if confirm_seconds is None else confirm_seconds
+        )
+        self._unleased_since: dict[bytes, float] = {}  # running jobs' tags seen without lease
 
     def run_once(self) -> list[str]:
         """One pass over the unacked messages; returns the ids of the jobs restored."""
@@ -57,6 +77,9 @@ class RecoveryLoop:
             client = channel.client
             now = time.time()
             entries = client.zrange(channel.unacked_index_key, 0, -1, withscores=True)
+            seen = {tag for tag, _ in entries}
+            for tag in [t for t in self._unleased_since if t not in seen]:
+                del self._unleased_since[tag]
             for tag, delivered_at in entries:
                 raw = client.hget(channel.unacked_key, tag)
                 if not raw:
@@ -67,6 +90,8 @@ class RecoveryLoop:
                     continue
                 job = self.store.get(task_id)
                 leased = self.store.has_lease(task_id)
+                if leased:
+                    self._unleased_since.pop(tag, None)
                 if should_restore(
                     job,
                     leased=leased,
@@ -74,6 +99,11 @@ class RecoveryLoop:
                     now=now,
                     grace_seconds=self.grace_seconds,
                 ):
+                    if job is not None and job.status in RUNNING_STATES:
+                        first_seen = self._unleased_since.setdefault(tag, now)
+                        if now - first_seen < self.confirm_seconds:
+                            continue  # its process may be taking the lease back
+                    self._unleased_since.pop(tag, None)
                     channel.qos.restore_by_tag(tag, client)
                     restored.append(task_id)
                     logger.warning(

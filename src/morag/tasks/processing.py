@@ -8,6 +8,10 @@ Every morag task runs through ``ProcessingTask.__call__``, which
    stage changes always written) and is stopped by ``JobCancelledError`` when cancelled;
 4. records the outcome: success with its result, failure with type and message, a
    retry with backoff for transient errors while attempts remain.
+
+Redis restarting under a running job neither fails nor loses it: a progress write that
+cannot reach Redis is skipped (the job goes on), and the claim and outcome writes wait for
+Redis to come back, for up to ``REDIS_PATIENCE_SECONDS`` (tests/reliability).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
@@ -33,6 +39,31 @@ logger = structlog.get_logger(__name__)
 
 # One id per worker process incarnation: a restarted worker is a different holder.
 _BOOT_ID = uuid.uuid4().hex[:8]
+
+#: How long a claim or outcome write waits for an unreachable Redis (a restart) before the
+#: task gives up; the message then stays unacked and recovery delivers it again.
+REDIS_PATIENCE_SECONDS = 30.0
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_T = TypeVar("_T")
+
+
+def _patiently(write: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a job-record write, retrying while Redis is unreachable (bounded).
+
+    Every write retried here is safe to repeat: the outcome scripts keep the first final
+    state, and a repeated claim finds its own lease and defers.
+    """
+    deadline = time.monotonic() + REDIS_PATIENCE_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return write(*args, **kwargs)
+        except _REDIS_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("Redis unreachable; retrying a job-record write", error=str(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def worker_identity() -> str:
@@ -68,9 +99,53 @@ class _LeaseKeeper:
             if current is not None:
                 store, task_id, worker = current
                 try:
-                    store.refresh_lease(task_id, worker, settings.lease_seconds)
+                    answer = _keep_lease(store, task_id, worker, settings.lease_seconds)
                 except Exception as exc:  # Redis hiccup: the next round tries again
                     logger.warning("lease refresh failed", task_id=task_id, error=str(exc))
+                    continue
+                if answer == "retaken":
+                    logger.warning(
+                        "job lease had lapsed (Redis away?); taken again", task_id=task_id
+                    )
+                elif answer == "other":
+                    logger.error("another process holds this job's lease", task_id=task_id)
+
+
+# KEYS: lease, job | ARGV: worker, lease_ms. Extends this process's lease; takes it again when
+# it lapsed while Redis was away (its TTL ran out meanwhile), as long as the record still
+# names this process as the job's runner. Returns held | retaken | other | gone.
+_KEEP_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'held'
+end
+if holder then return 'other' end
+local state = redis.call('HGET', KEYS[2], 'state')
+if (state == 'started' or state == 'progress')
+   and redis.call('HGET', KEYS[2], 'worker') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'retaken'
+end
+return 'gone'
+"""
+
+
+def _keep_lease(store: JobStore, task_id: str, worker: str, lease_seconds: float) -> str:
+    """Keep (or take back) the lease of the job this process runs.
+
+    Without taking it back, a Redis outage longer than the lease would leave a running job
+    unleased, and recovery would hand it to a second process (tests/reliability).
+    """
+    script = getattr(store, "_keep_lease_script", None)
+    if script is None:
+        script = store.redis.register_script(_KEEP_LEASE)
+        store._keep_lease_script = script  # type: ignore[attr-defined]
+    answer = script(
+        keys=[store.lease_key(task_id), store.job_key(task_id)],
+        args=[worker, int(lease_seconds * 1000)],
+    )
+    return answer.decode() if isinstance(answer, bytes) else str(answer)
 
 
 _lease_keeper = _LeaseKeeper()
@@ -130,7 +205,8 @@ class ProcessingTask(BaseTask):
             return self.run(*args, **kwargs)  # plain function call: no job record
         store = get_job_store()
         worker = worker_identity()
-        claim = store.start(
+        claim = _patiently(
+            store.start,
             task_id,
             worker=worker,
             lease_seconds=settings.lease_seconds,
@@ -153,8 +229,12 @@ class ProcessingTask(BaseTask):
         try:
             value = self.run(*args, **kwargs)
         except JobCancelledError:
-            store.finish(
-                task_id, TaskStatus.REVOKED, message="cancelled while running", worker=worker
+            _patiently(
+                store.finish,
+                task_id,
+                TaskStatus.REVOKED,
+                message="cancelled while running",
+                worker=worker,
             )
             log.info("job cancelled while running")
             raise Ignore() from None
@@ -185,7 +265,8 @@ class ProcessingTask(BaseTask):
         finally:
             _lease_keeper.release()
         summary, result = _split_result(value)
-        outcome = store.finish(
+        outcome = _patiently(
+            store.finish,
             task_id,
             TaskStatus.SUCCESS,
             message="done",
@@ -199,7 +280,8 @@ class ProcessingTask(BaseTask):
     def _fail(
         self, store: JobStore, task_id: str, worker: str, error_type: str, message: str
     ) -> None:
-        store.finish(
+        _patiently(
+            store.finish,
             task_id,
             TaskStatus.FAILURE,
             message=message,
@@ -215,7 +297,8 @@ class ProcessingTask(BaseTask):
         delay = min(
             settings.retry_backoff_seconds * 2 ** (attempt - 1), settings.retry_backoff_max_seconds
         )
-        store.mark_retry(
+        _patiently(
+            store.mark_retry,
             task_id,
             message=f"retrying in {delay:.0f} s: {exc.message}",
             error_type=type(exc).__name__,
@@ -241,15 +324,22 @@ class ProcessingTask(BaseTask):
         now = time.monotonic()
         if stage == job["stage"] and now - job["last_write"] < settings.progress_min_interval:
             return
-        job["stage"], job["last_write"] = stage, now
-        answer = job["store"].progress(
-            self.request.id,
-            progress,
-            stage,
-            message or stage,
-            worker=job["worker"],
-            lease_seconds=settings.lease_seconds,
-        )
+        try:
+            answer = job["store"].progress(
+                self.request.id,
+                progress,
+                stage,
+                message or stage,
+                worker=job["worker"],
+                lease_seconds=settings.lease_seconds,
+            )
+        except _REDIS_DOWN as exc:
+            # Progress is a report, not the job: carry on and write the next one.
+            if not job.get("redis_down"):
+                logger.warning("progress not recorded: Redis unreachable", error=str(exc))
+            job["redis_down"] = True
+            return
+        job["stage"], job["last_write"], job["redis_down"] = stage, now, False
         if answer != "ok":
             raise JobCancelledError(f"job stopped: {answer}")
 
