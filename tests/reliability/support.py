@@ -55,8 +55,10 @@ class Submitter:
         kind: str = "system",
         queue: str = "celery",
         kwargs: dict[str, Any] | None = None,
+        extra: dict[str, str] | None = None,
         **options: Any,
     ) -> str:
+        """Write the record (``extra``: record fields such as ``webhook_url``), then send."""
         task_id = str(uuid.uuid4())
         kwargs = kwargs or {}
         inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
@@ -67,6 +69,7 @@ class Submitter:
             task_name=name,
             input=inputs or {"args": []},
             metadata=kwargs.get("metadata") or {},
+            extra=extra,
         )
         self.app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue, **options)
         return task_id
@@ -179,7 +182,9 @@ def audit(
             tally.failed += 1
         else:
             tally.revoked += 1
-        history = events[task_id]
+        # Transitions carry their state as their stage; other events (a webhook attempt)
+        # repeat the job's current state under a stage of their own.
+        history = [e for e in events[task_id] if e.get("stage") == e["state"]]
         starts = sum(1 for e in history if e["state"] == "started")
         finals = [e for e in history if e["state"] in ("success", "failure", "revoked")]
         expected = (expected_starts or {}).get(task_id, 1)

@@ -1,14 +1,14 @@
 """Scenario 4: a job running longer than the broker's visibility timeout is not started twice.
 
-The worker runs with a 4 s visibility timeout (allowed because its time limits are shrunk
-to 2 s soft + 1 s margin: the settings refuse a visibility timeout below the longest hard
+The worker runs with a 3 s visibility timeout (allowed because its time limits are shrunk
+to 1 s soft + 1 s margin: the settings refuse a visibility timeout below the longest hard
 limit) and with kombu's restore sweep every second (``sweep_worker``). The job is sent
 with per-message time limits of its own (60/90 s), as a client configured with longer
-limits than this worker would send it, and runs for 9 s: kombu delivers it again while it
+limits than this worker would send it, and runs for 7 s: kombu delivers it again while it
 runs. The copy finds the job's lease held, is deferred, and once the job is final it is
 dropped. One ``started`` event, attempts == 1, one success.
 
-Quick: one 9 s job. Full (``-m slow``): three 25 s jobs at once, each redelivered ~5 times.
+Quick: one 7 s job. Full (``-m slow``): three 25 s jobs at once, each redelivered ~5 times.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from morag.services.jobs import TaskStatus
 from tests.reliability.support import PROBE, audit, wait_all_final
 
 SHORT_LIMITS = {
-    **{f"{kind}_soft_time_limit": "2" for kind in ("default", "document", "web", "audio")},
-    "video_soft_time_limit": "2",
+    **{f"{kind}_soft_time_limit": "1" for kind in ("default", "document", "web", "audio")},
+    "video_soft_time_limit": "1",
     "hard_time_limit_margin": "1",
-    "visibility_timeout": "4",
+    "visibility_timeout": "3",
     "lease_seconds": "2",
 }
-VISIBILITY = 4
+VISIBILITY = 3
 
 
 @pytest.mark.parametrize(
     ("jobs", "seconds"),
-    [pytest.param(1, 9, id="quick"), pytest.param(3, 25, id="full", marks=pytest.mark.slow)],
+    [pytest.param(1, 7, id="quick"), pytest.param(3, 25, id="full", marks=pytest.mark.slow)],
 )
 def test_job_longer_than_visibility_timeout_runs_once(
     module_workers, submitter, report, jobs: int, seconds: int
