@@ -3,7 +3,9 @@ file is merely odd, a success that says what it found), fast, on the first attem
 worker survives every one (no pool process lost), its memory stays bounded, and normal
 jobs submitted in between succeed. The same files over HTTP: test_api_hostile.py.
 
-Also: a ``file_path`` escaping the allowed roots with ``../``, and one holding a NUL byte.
+Also direct Celery messages no API would send (extending test_celery.py's file outside the
+allowed roots): ``../`` escaping the roots, a NUL byte, a symlink inside the upload
+directory pointing outside it, a list where a path belongs, an unknown argument.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ QUEUES = {kind: f"{kind}_processing" for kind in TASKS}
 
 
 def test_hostile_files_fail_clearly_and_the_worker_survives(
-    workers, submitter, report, upload_dir: Path
+    workers, submitter, report, upload_dir: Path, tmp_path: Path
 ) -> None:
     worker = workers.start(concurrency=2)  # every queue
     store = get_job_store()
@@ -52,16 +54,23 @@ def test_hostile_files_fail_clearly_and_the_worker_survives(
                     kwargs={"file_path": str(note)},
                 )
             )
-        paths = {
-            "path-escape": str(upload_dir / ".." / ".." / ".." / "etc" / "passwd"),
-            "nul-in-path": str(upload_dir / "a\x00b.txt"),
+        secret = tmp_path / "secret.txt"
+        secret.write_text("outside the allowed roots")
+        link = upload_dir / "innocent.txt"
+        link.unlink(missing_ok=True)
+        link.symlink_to(secret)
+        messages = {
+            "path-escape": {"file_path": str(upload_dir / ".." / ".." / ".." / "etc" / "passwd")},
+            "nul-in-path": {"file_path": str(upload_dir / "a\x00b.txt")},
+            "symlink-escape": {"file_path": str(link)},
+            "path-is-a-list": {"file_path": [str(link)]},
+            "unknown-argument": {"file_path": str(upload_dir / "note-0.md"), "shell": "rm -rf /"},
         }
         path_ids = {
             name: submitter.submit(
-                TASKS["document"], kind="document", queue=QUEUES["document"],
-                kwargs={"file_path": path},
+                TASKS["document"], kind="document", queue=QUEUES["document"], kwargs=kwargs
             )
-            for name, path in paths.items()
+            for name, kwargs in messages.items()
         }  # fmt: skip
         ids = [*cases, *normal, *path_ids.values()]
         records = wait_all_final(store, ids, timeout=180)
@@ -84,10 +93,13 @@ def test_hostile_files_fail_clearly_and_the_worker_survives(
     for name, task_id in path_ids.items():
         info = records[task_id]
         outcomes[name] = f"{info.status.value}:{info.error_type}"
-        if info.status is not TaskStatus.FAILURE or info.error_type not in (
-            "ForbiddenTargetError",
-            "InvalidInputError",
-        ):
+        # a signature mismatch is a TypeError the task reports as an unexpected error
+        allowed = (
+            ("TypeError",)
+            if name == "unknown-argument"
+            else ("ForbiddenTargetError", "InvalidInputError")
+        )
+        if info.status is not TaskStatus.FAILURE or info.error_type not in allowed:
             wrong.append((name, info.status.value, info.error_type, info.error))
     log = worker.log()
     lost_children = sum(log.count(s) for s in ("WorkerLostError", "exited prematurely"))
