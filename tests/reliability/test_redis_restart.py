@@ -91,6 +91,9 @@ def test_redis_restart_loses_no_job(own_redis, report, kind: str, sig: int, outa
     follower = sub.probe()
     after = wait_all_final(sub.store, [follower], timeout=30)[follower]
     assert worker.alive(), worker.log()
+    # Nothing stays in flight: every message was acked or restored, none left dangling.
+    client, unacked_key = stack.server.client(), f"{stack.namespace}:unacked"
+    wait_for(lambda: client.hlen(unacked_key) == 0, 15, "no message left unacked")
 
     name = f"redis-restart/{kind}/{signal.Signals(sig).name}/down-{outage:g}s"
     tally = audit(name, sub.store, ids, records)
