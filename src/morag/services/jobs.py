@@ -353,6 +353,27 @@ return 1
 )
 
 
+# KEYS: lease, job | ARGV: worker, lease_ms
+# Extends this process's lease; takes it again when it lapsed while Redis was away (its TTL
+# ran out meanwhile), as long as the record still names this process as the job's runner.
+# Returns held | retaken | other | gone.
+_KEEP_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'held'
+end
+if holder then return 'other' end
+local state = redis.call('HGET', KEYS[2], 'state')
+if (state == 'started' or state == 'progress')
+   and redis.call('HGET', KEYS[2], 'worker') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'retaken'
+end
+return 'gone'
+"""
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -378,6 +399,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
         self._cancel = client.register_script(_CANCEL)
+        self._keep_lease = client.register_script(_KEEP_LEASE)
         self._event = client.register_script(_EVENT)
 
     # -- keys -----------------------------------------------------------------------------
@@ -586,11 +608,15 @@ class JobStore:
             )
         )
 
-    def refresh_lease(self, task_id: str, worker: str, lease_seconds: float) -> None:
-        """Extend the lease if this worker still holds it."""
-        key = self.lease_key(task_id)
-        if self.redis.get(key) == worker.encode():
-            self.redis.pexpire(key, int(lease_seconds * 1000))
+    def keep_lease(self, task_id: str, worker: str, lease_seconds: float) -> str:
+        """Keep (or take back) the lease of a job this process runs: held | retaken |
+        other | gone. Taking it back matters when a Redis outage outlasted the lease:
+        otherwise recovery would hand the still-running job to a second process."""
+        answer = self._keep_lease(
+            keys=[self.lease_key(task_id), self.job_key(task_id)],
+            args=[worker, int(lease_seconds * 1000)],
+        )
+        return _s(answer)
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskInfo | None:

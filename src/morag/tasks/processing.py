@@ -99,7 +99,7 @@ class _LeaseKeeper:
             if current is not None:
                 store, task_id, worker = current
                 try:
-                    answer = _keep_lease(store, task_id, worker, settings.lease_seconds)
+                    answer = store.keep_lease(task_id, worker, settings.lease_seconds)
                 except Exception as exc:  # Redis hiccup: the next round tries again
                     logger.warning("lease refresh failed", task_id=task_id, error=str(exc))
                     continue
@@ -109,43 +109,6 @@ class _LeaseKeeper:
                     )
                 elif answer == "other":
                     logger.error("another process holds this job's lease", task_id=task_id)
-
-
-# KEYS: lease, job | ARGV: worker, lease_ms. Extends this process's lease; takes it again when
-# it lapsed while Redis was away (its TTL ran out meanwhile), as long as the record still
-# names this process as the job's runner. Returns held | retaken | other | gone.
-_KEEP_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 'held'
-end
-if holder then return 'other' end
-local state = redis.call('HGET', KEYS[2], 'state')
-if (state == 'started' or state == 'progress')
-   and redis.call('HGET', KEYS[2], 'worker') == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'retaken'
-end
-return 'gone'
-"""
-
-
-def _keep_lease(store: JobStore, task_id: str, worker: str, lease_seconds: float) -> str:
-    """Keep (or take back) the lease of the job this process runs.
-
-    Without taking it back, a Redis outage longer than the lease would leave a running job
-    unleased, and recovery would hand it to a second process (tests/reliability).
-    """
-    script = getattr(store, "_keep_lease_script", None)
-    if script is None:
-        script = store.redis.register_script(_KEEP_LEASE)
-        store._keep_lease_script = script  # type: ignore[attr-defined]
-    answer = script(
-        keys=[store.lease_key(task_id), store.job_key(task_id)],
-        args=[worker, int(lease_seconds * 1000)],
-    )
-    return answer.decode() if isinstance(answer, bytes) else str(answer)
 
 
 _lease_keeper = _LeaseKeeper()
