@@ -29,6 +29,16 @@ _HTTP_CODES = {
     503: "unavailable",
 }
 
+_DESCRIPTIONS = {
+    401: "missing or invalid API key",
+    404: "no such job (or batch)",
+    409: "the job is not in a state that allows this",
+    413: "a size or count limit was exceeded",
+    415: "unsupported file type or request content type",
+    422: "invalid request: details name the field",
+    500: "internal error (no traceback is sent)",
+}
+
 
 class ErrorBody(BaseModel):
     code: str
@@ -38,6 +48,14 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for these error codes, all with the one error shape."""
+    return {
+        code: {"model": ErrorResponse, "description": _DESCRIPTIONS.get(code, "error")}
+        for code in codes
+    }
 
 
 def error_response(
@@ -56,7 +74,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _morag_error(request: Request, exc: MoragError) -> JSONResponse:
         if exc.http_status >= 500:
             logger.error("request failed", path=request.url.path, error=exc.message)
-        return error_response(exc.http_status, exc.code, exc.message, exc.details)
+        headers = {"WWW-Authenticate": 'Bearer realm="morag"'} if exc.http_status == 401 else None
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -74,6 +93,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a body it could not parse (not UTF-8, nested deeper than
+            # Python parses): an invalid request like any other, so 422, saying why.
+            reason = (
+                "nested too deeply"
+                if isinstance(exc.__cause__, RecursionError)
+                else "not parseable"
+            )
+            return error_response(
+                422, "invalid_input", f"invalid request: the body is {reason}", {"field": "body"}
+            )
         code = _HTTP_CODES.get(exc.status_code, "error")
         return error_response(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)

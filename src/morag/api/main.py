@@ -1,20 +1,137 @@
-"""The FastAPI app. ``python src/morag/api/main.py`` serves it on port 8000."""
+"""The FastAPI app. ``python src/morag/api/main.py`` serves it on port 8000.
+
+Middleware, outermost first: one structured log line per request; CORS (when
+``cors_origins`` is set); the request-body size limit (413 in the one error shape).
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a checkout: make ``morag`` importable without installing.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import structlog  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
+from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
+from starlette.datastructures import Headers  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
-from morag.api.errors import install_error_handlers  # noqa: E402
-from morag.api.routes import health  # noqa: E402
+from morag.api.errors import error_response, install_error_handlers  # noqa: E402
+from morag.api.routes import batches, health, ingest, status  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
+from morag.services.ingestion import IngestionService  # noqa: E402
+
+logger = structlog.get_logger("morag.api")
+
+_KIB = 1024
+_MIB = 1024 * _KIB
+
+
+def body_limit(cfg: Settings, path: str, content_type: str) -> int:
+    """Largest request body for this endpoint and content type, in bytes.
+
+    Uploads: the file cap plus room for the form fields (per file for a batch); anything
+    else: enough for a full batch of URL items with maximal metadata.
+    """
+    form_fields = cfg.max_metadata_bytes + 64 * _KIB
+    if content_type.lower().startswith("multipart/form-data"):
+        files = cfg.batch_max_items if path.rstrip("/").endswith("/ingest/batch") else 1
+        return files * (cfg.max_upload_bytes + form_fields)
+    return _MIB + cfg.batch_max_items * (cfg.max_metadata_bytes + 16 * _KIB)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, f"the request body is larger than {limit} bytes, the limit for this endpoint"
+        )
+
+
+class BodySizeLimitMiddleware:
+    """413 before reading when Content-Length is over the limit; otherwise counts the body
+    as it is read and stops it at the limit (also for chunked bodies)."""
+
+    def __init__(self, app: ASGIApp, cfg: Settings) -> None:
+        self.app = app
+        self.cfg = cfg
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        limit = body_limit(self.cfg, scope["path"], headers.get("content-type", ""))
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = error_response(
+                413,
+                "limit_exceeded",
+                f"the request body is {declared} bytes; the limit for this endpoint is "
+                f"{limit} bytes",
+                {"max_bytes": limit},
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)  # the app's HTTPException handler answers 413
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestLogMiddleware:
+    """One structured line per request: method, path, status, duration, task id if any."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+        state = scope.setdefault("state", {})  # routes put the task id here (request.state)
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            task_id = state.get("task_id") or scope.get("path_params", {}).get("task_id")
+            logger.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status_code,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                task_id=task_id,
+            )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await app.state.ingestion.aclose()
 
 
 def create_app(cfg: Settings = settings) -> FastAPI:
@@ -22,10 +139,36 @@ def create_app(cfg: Settings = settings) -> FastAPI:
         title="morag",
         version="0.1.0",
         description="Asynchronous ingestion: documents, audio, video and web pages become "
-        "Markdown and retrieval-ready chunks.",
+        "Markdown and retrieval-ready chunks. Submit work under `/api/v1/ingest`, follow it "
+        "under `/api/v1/status`. When the server has API keys, every endpoint but the "
+        "health checks needs one (`Authorization: Bearer <key>` or `X-API-Key`). Every "
+        'error answers `{"error": {"code", "message", "details"}}`.',
+        lifespan=_lifespan,
     )
+    app.state.settings = cfg
+    app.state.ingestion = IngestionService(cfg)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(ingest.router)
+    app.include_router(status.router)
+    app.include_router(batches.router)
+    # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
+    if cfg.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "Content-Type",
+                "Idempotency-Key",
+                "Last-Event-ID",
+            ],
+            expose_headers=["Location", "Idempotent-Replayed"],
+        )
+    app.add_middleware(RequestLogMiddleware)
     return app
 
 
@@ -41,6 +184,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
+        access_log=False,  # RequestLogMiddleware logs each request, with its task id
     )
 
 

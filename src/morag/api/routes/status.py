@@ -1,0 +1,172 @@
+"""Following jobs: status, result, history, live events (SSE), the job list, queue stats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from sse_starlette import EventSourceResponse
+
+from morag.api.deps import ServiceDep, authenticate
+from morag.api.errors import error_responses
+from morag.api.schemas import (
+    JobHistory,
+    JobKind,
+    JobList,
+    JobResult,
+    JobStatus,
+    QueueStats,
+)
+from morag.core.errors import NotFoundError
+from morag.services.jobs import TaskInfo, TaskStatus
+
+router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[Depends(authenticate)])
+
+TaskId = Annotated[str, Path(min_length=1, max_length=200, description="a job's id")]
+
+#: Seconds between SSE comments that keep idle connections (and proxies) open.
+SSE_PING_SECONDS = 15
+
+# One Server-Sent Event (OpenAPI 3.1 reads a text/event-stream schema as one event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "the job's state after this event"},
+        "id": {"type": "string", "description": "the event's timestamp (ISO 8601, UTC)"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "the event: ts, state, progress, stage, message, attempt, "
+            "task_id, and any fields of other event kinds",
+        },
+    },
+}
+
+
+def job_status(info: TaskInfo) -> JobStatus:
+    return JobStatus.model_validate({**info.to_dict(), "webhook_url": info.webhook_url})
+
+
+@router.get(
+    "/", response_model=JobList, summary="List jobs", responses=error_responses(401, 422, 500)
+)
+def list_jobs(
+    service: ServiceDep,
+    state: Annotated[list[TaskStatus] | None, Query(description="repeat to allow several")] = None,
+    kind: JobKind | None = None,
+    created_after: Annotated[
+        datetime | None, Query(description="inclusive; UTC if no zone")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="inclusive; UTC if no zone")
+    ] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobList:
+    """Jobs newest first, filtered by state, kind and creation time, a page at a time."""
+    items, next_offset = service.list_jobs(
+        states=state or (),
+        kind=kind,
+        created_after=created_after,
+        created_before=created_before,
+        offset=offset,
+        limit=limit,
+    )
+    return JobList(
+        items=[job_status(i) for i in items], offset=offset, limit=limit, next_offset=next_offset
+    )
+
+
+@router.get(
+    "/stats/queues",
+    response_model=QueueStats,
+    summary="Queue statistics",
+    responses=error_responses(401, 500),
+)
+def queue_stats(service: ServiceDep) -> dict[str, Any]:
+    """Pending messages and consumers per queue, messages in flight, live workers."""
+    return service.queue_stats()
+
+
+@router.get(
+    "/{task_id}",
+    response_model=JobStatus,
+    summary="A job's status",
+    responses=error_responses(401, 404, 422, 500),
+)
+def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> JobStatus:
+    """State, progress, stage, message, timestamps, attempts, error and result summary."""
+    request.state.task_id = task_id
+    return job_status(service.status(task_id))
+
+
+@router.get(
+    "/{task_id}/result",
+    response_model=JobResult,
+    summary="A job's result",
+    responses=error_responses(401, 404, 409, 422, 500),
+)
+def get_result(
+    task_id: TaskId,
+    request: Request,
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="first chunk")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="chunks per page")] = 100,
+    include_markdown: bool = True,
+) -> dict[str, Any]:
+    """The Markdown, metadata and a page of chunks of a job that succeeded (409 otherwise)."""
+    request.state.task_id = task_id
+    return service.result(task_id, offset=offset, limit=limit, include_markdown=include_markdown)
+
+
+@router.get(
+    "/{task_id}/history",
+    response_model=JobHistory,
+    summary="A job's history",
+    responses=error_responses(401, 404, 422, 500),
+)
+def get_history(task_id: TaskId, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Every state change and progress step, timestamped, oldest first."""
+    request.state.task_id = task_id
+    return {"task_id": task_id, "events": service.history(task_id)}
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=EventSourceResponse,
+    summary="Follow a job live (Server-Sent Events)",
+    responses={
+        200: {
+            "description": "a stream of events, each described by this schema",
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+        },
+        **error_responses(401, 404, 422, 500),
+    },
+)
+async def follow_job(
+    task_id: TaskId,
+    request: Request,
+    service: ServiceDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+) -> EventSourceResponse:
+    """The job's history, then its live events, until it reaches a final state; then the
+    stream closes. Each event's name is the job's state, its id the event's timestamp
+    (reconnect with ``Last-Event-ID`` to skip what you have seen), its data the event as
+    JSON (``ts, state, progress, stage, message, attempt``, plus ``task_id``)."""
+    request.state.task_id = task_id
+    if not await service.job_exists(task_id):
+        raise NotFoundError(f"no job with id {task_id}")
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async for event in service.follow(task_id, after=last_event_id):
+            yield {
+                "event": str(event.get("state", "message")),
+                "id": str(event.get("ts", "")),
+                "data": json.dumps({**event, "task_id": task_id}),
+            }
+
+    return EventSourceResponse(events(), ping=SSE_PING_SECONDS)

@@ -1,0 +1,188 @@
+"""Request and response models of the ingestion API (the OpenAPI document is built from them).
+
+Request models forbid unknown fields, so a misspelt option is a 422 naming it rather than
+a silently ignored setting. Storage shapes (``TaskInfo``, history events) live in
+``morag.services.jobs``; these models are what clients see.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from morag.services.jobs import TaskStatus
+
+FileSourceType = Literal["document", "audio", "video"]
+UrlSourceType = Literal["web", "audio", "video"]
+JobKind = Literal["document", "audio", "video", "web", "system"]
+
+MAX_URL_CHARS = 8192
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChunkingOptionsIn(_Request):
+    """Chunk sizes in tokens; the server's defaults apply to what is left out."""
+
+    chunk_size_tokens: int | None = Field(None, ge=16, le=8192)
+    chunk_overlap_tokens: int | None = Field(None, ge=0, le=4096)
+
+
+class UrlIngestRequest(_Request):
+    """A web page to ingest (audio and video URLs are refused for now: 422)."""
+
+    url: str = Field(
+        ..., min_length=1, max_length=MAX_URL_CHARS, examples=["https://example.com/article"]
+    )
+    source_type: UrlSourceType = "web"
+    metadata: dict[str, Any] | None = Field(
+        None, description="free-form JSON object stored with the job and its result"
+    )
+    webhook_url: str | None = Field(
+        None,
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        description="http(s) URL that receives the job's events (same SSRF checks as url)",
+    )
+    options: ChunkingOptionsIn | None = None
+
+
+class BatchRequest(_Request):
+    """A batch of URLs as JSON. Files go in a ``multipart/form-data`` batch instead."""
+
+    items: list[UrlIngestRequest] = Field(..., min_length=1)
+
+
+class SubmissionResponse(BaseModel):
+    task_id: str
+    status: TaskStatus
+    message: str
+
+
+class RetryResponse(SubmissionResponse):
+    retry_of: str
+
+
+class BatchSubmissionResponse(BaseModel):
+    batch_id: str
+    task_ids: list[str]
+    message: str
+
+
+class JobError(BaseModel):
+    type: str | None
+    message: str
+
+
+class JobStatus(BaseModel):
+    """A job as its record tells it; ``result`` is the summary (see ``/result``)."""
+
+    task_id: str
+    status: TaskStatus
+    kind: str
+    queue: str
+    progress: float = Field(..., ge=0, le=1)
+    stage: str
+    message: str
+    attempts: int
+    error: JobError | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None
+    cancel_requested: bool
+    result: dict[str, Any] | None
+    metadata: dict[str, Any]
+    batch_id: str | None
+    retry_of: str | None
+    webhook_url: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobStatus]
+    offset: int
+    limit: int
+    next_offset: int | None = Field(
+        ..., description="offset of the next page; null when this page is the last"
+    )
+
+
+class HistoryEvent(BaseModel):
+    """One state change or progress step. Other event kinds may add fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ts: datetime
+    state: str
+    progress: float | None = None
+    stage: str | None = None
+    message: str | None = None
+    attempt: int | None = None
+
+
+class JobHistory(BaseModel):
+    task_id: str
+    events: list[HistoryEvent]
+
+
+class ChunkOut(BaseModel):
+    index: int
+    text: str
+    tokens: int
+    metadata: dict[str, Any]
+
+
+class JobResult(BaseModel):
+    task_id: str
+    kind: str
+    markdown: str | None = Field(..., description="null when include_markdown=false")
+    metadata: dict[str, Any]
+    artifacts: list[dict[str, Any]]
+    chunks: list[ChunkOut]
+    total_chunks: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class CancelResponse(BaseModel):
+    task_id: str
+    outcome: Literal["revoked", "cancelling"] = Field(
+        ...,
+        description="revoked: it was queued and will not run; cancelling: it is "
+        "running and stops within seconds",
+    )
+    status: TaskStatus
+    message: str
+
+
+class BatchStatus(BaseModel):
+    batch_id: str
+    created_at: datetime
+    total: int
+    counts: dict[str, int] = Field(
+        ..., description="jobs per state; 'expired' counts jobs whose record is gone"
+    )
+    finished: int
+    progress: float = Field(..., ge=0, le=1)
+    done: bool
+    task_ids: list[str]
+
+
+class QueueInfo(BaseModel):
+    pending: int
+    consumers: int
+    workers: list[str]
+
+
+class QueueStats(BaseModel):
+    queues: dict[str, QueueInfo]
+    pending_total: int
+    in_flight: int
+    active_tasks: int
+    workers: list[str]
+    worker_details: list[dict[str, Any]]
