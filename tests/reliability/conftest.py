@@ -272,3 +272,40 @@ def module_workers(isolated: None, tmp_path: Path) -> Iterator[Callable[..., Ser
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def api_process(
+    isolated: None, tmp_path: Path
+) -> Iterator[Callable[..., tuple[str, ServiceProcess]]]:
+    """Factory: a ``morag api`` on the session Redis; ``start(**env_overrides)`` answers its
+    base URL and process (whose pid the RSS sampler watches)."""
+    import httpx
+
+    started: list[ServiceProcess] = []
+
+    def start(**env_overrides: str) -> tuple[str, ServiceProcess]:
+        port = free_port()
+        env = {
+            **os.environ,
+            "MORAG_API_PORT": str(port),
+            "MORAG_API_HOST": "127.0.0.1",
+            **{f"MORAG_{k.upper()}": v for k, v in env_overrides.items()},
+        }
+        api = ServiceProcess(["api"], env, tmp_path / f"api-{len(started)}.log")
+        started.append(api)
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
+            except httpx.HTTPError:
+                return not api.alive()
+
+        wait_for(up, 30, "the API to answer")
+        assert api.alive(), api.log()
+        return base, api
+
+    yield start
+    for api in started:
+        api.stop()
