@@ -217,3 +217,44 @@ def test_hostile_requests_get_clear_4xx(api_process, report) -> None:
     report.record(Tally("hostile-api/requests"), outcomes=outcomes)
     assert not wrong, wrong
     assert api.alive()
+
+
+FORBIDDEN_URLS = {
+    "file": "file:///etc/passwd",
+    "ftp": "ftp://127.0.0.1/",
+    "127.0.0.1": "http://127.0.0.1:8000/",
+    "[::1]": "http://[::1]:8000/",
+    "localhost": "http://localhost:8000/",
+    "0.0.0.0": "http://0.0.0.0/",
+    "mapped-v4-loopback": "http://[::ffff:127.0.0.1]/",
+    "metadata-169.254.169.254": "http://169.254.169.254/latest/meta-data/",
+    "metadata-fd00:ec2::254": "http://[fd00:ec2::254]/",
+    "10/8": "http://10.0.0.1/",
+    "172.16/12": "http://172.16.5.4/",
+    "192.168/16": "http://192.168.0.1/",
+    "fc00::/7": "http://[fc00::1]/",
+    "credentials": "http://user:pw@a.example/",
+}
+
+
+def test_forbidden_urls_are_refused_at_the_door(api_process, submitter, report) -> None:
+    """With the SSRF allow-list empty, the API refuses these before queueing anything
+    (syntax and literal addresses only: the API never resolves a name, so it sends nothing;
+    names are the worker's to resolve, test_hostile_urls.py)."""
+    base, _ = api_process(ssrf_allow="")
+    outcomes, wrong = {}, []
+    with httpx.Client(base_url=base, timeout=30) as http:
+        for name, url in FORBIDDEN_URLS.items():
+            for field in ("url", "webhook_url"):
+                body = {"url": url} if field == "url" else {"url": "https://a.example/", field: url}
+                response = http.post("/api/v1/ingest/url", json=body)
+                outcomes[f"{name} as {field}"] = response.status_code
+                if response.status_code != 422:
+                    wrong.append((name, field, response.status_code, response.text[:200]))
+                    continue
+                error = _error(response)
+                if error["code"] not in ("forbidden_target", "invalid_input"):
+                    wrong.append((name, field, error))
+    report.record(Tally("hostile-api/forbidden-urls"), outcomes=outcomes)
+    assert not wrong, wrong
+    assert submitter.store.list_ids() == []  # nothing was queued
