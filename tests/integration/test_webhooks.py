@@ -21,7 +21,7 @@ from morag.core.redis_conn import get_redis
 from morag.core.url_guard import UrlPolicy
 from morag.services.jobs import TaskStatus, get_job_store
 from morag.services.task_manager import task_manager
-from morag.services.webhooks import WebhookOutbox, WebhookSender, message_id
+from morag.services.webhooks import OutboxEntry, WebhookOutbox, WebhookSender, message_id
 from morag.tasks.system_tasks import probe
 from tests.harness import wait_for
 from tests.webhook_receiver import HANG, SECRET, Received, receivers
@@ -56,6 +56,10 @@ def wait_webhook_outcome(task_id: str, outcome: str, timeout: float = 30) -> dic
         return hits[-1] if hits else None
 
     return wait_for(found, timeout, f"webhook {outcome} for {task_id}")
+
+
+def entry(task_id: str, state: str, attempt: int = 1) -> OutboxEntry:
+    return OutboxEntry(task_id, state, ts="", attempt=attempt)
 
 
 def verified(request: Received, secret: str = SECRET) -> dict[str, Any]:
@@ -108,44 +112,31 @@ def test_every_final_transition_owes_exactly_one_webhook() -> None:
     assert entry["ts"] == store.get(done).finished_at.isoformat()
 
 
-class _Died(BaseException):
-    """The dispatching process dies between claiming an entry and publishing it."""
-
-
-def test_dispatcher_crash_between_claim_and_publish_loses_nothing() -> None:
-    store = get_job_store()
+def test_claims_of_a_dead_process_and_due_retries_come_back() -> None:
+    """Every owed event is in exactly one of outbox / in flight / scheduled, and moves on
+    only through claim and settle (atomic scripts), so a crash anywhere loses nothing."""
     client = get_redis(settings.redis_url)
+    outbox = WebhookOutbox(client, settings.key_prefix)
+    for n in range(3):
+        client.rpush(outbox.outbox_key, json.dumps({"task_id": f"t{n}", "state": "success"}))
 
-    def owe(*ids: str) -> None:
-        for task_id in ids:
-            client.rpush(store.outbox_key, json.dumps({"task_id": task_id, "state": "success"}))
+    dead = outbox.claim(2, lease_seconds=0.3)  # claimed by a process that then died
+    assert [e.task_id for e in dead] == ["t0", "t1"] and outbox.backlog() == (1, 2, 0)
+    [live] = outbox.claim(5, lease_seconds=60)
+    assert live.task_id == "t2" and live.attempt == 1
+    assert outbox.settle(live, retry_in=0.3)  # attempt 1 failed: attempt 2 is scheduled
+    assert outbox.backlog() == (0, 2, 1)
 
-    def outbox(publish: Any, stale_after: float = 3600) -> WebhookOutbox:
-        return WebhookOutbox(client, settings.key_prefix, publish, stale_after=stale_after)
-
-    def die(entry: dict[str, Any]) -> None:
-        raise _Died()
-
-    def broker_down(entry: dict[str, Any]) -> None:
-        raise ConnectionError("broker unreachable")
-
-    published: list[str] = []
-
-    def publish(entry: dict[str, Any]) -> None:
-        published.append(entry["task_id"])
-
-    owe("t0", "t1", "t2")
-    with pytest.raises(_Died):
-        outbox(die).dispatch()
-    assert outbox(publish).backlog() == (0, 3)  # claimed by a dispatcher that died
-    owe("t3", "t4")
-    assert outbox(broker_down).dispatch() == 0
-    assert outbox(publish).backlog() == (2, 3)  # a failed publish gives entries back at once
-    assert outbox(publish).dispatch() == 2 and published == ["t3", "t4"]
-    assert outbox(publish).backlog() == (0, 3)  # the dead dispatcher's claims are not stale yet
-    assert outbox(publish, stale_after=0).dispatch() == 3
-    assert outbox(publish).backlog() == (0, 0)
-    assert sorted(published) == ["t0", "t1", "t2", "t3", "t4"]
+    # the dead claims go stale and the retry falls due: all three come back to a claimer
+    back = wait_for(lambda: outbox.claim(5, lease_seconds=60) or None, 10, "stale claims")
+    while len(back) < 3:
+        back += wait_for(lambda: outbox.claim(5, lease_seconds=60) or None, 10, "the retry")
+    assert sorted((e.task_id, e.attempt) for e in back) == [("t0", 1), ("t1", 1), ("t2", 2)]
+    # a stale claim that finishes late changes nothing: its event was handed out again
+    assert not outbox.settle(dead[0], retry_in=1.0)
+    for entry in back:
+        assert outbox.settle(entry)
+    assert outbox.backlog() == (0, 0, 0)
 
 
 # --- in-process sender: the guard refuses before connecting ------------------------------
@@ -166,13 +157,13 @@ def test_refused_targets_are_recorded_and_never_contacted(receiver, signing) -> 
     refusing = UrlPolicy()  # allows nothing local: loopback is refused like 10.0.0.1
     sender = WebhookSender(store, settings, policy=refusing)
     for name, reason in (("private", "private address"), ("loopback", "loopback address")):
-        result = sender.deliver(ids[name], "success", attempt=1, nonce="n")
+        result = sender.deliver(entry(ids[name], "success"))
         assert result.outcome == "refused"
         [event] = webhook_events(ids[name])
         assert event["webhook_outcome"] == "refused" and reason in event["message"]
         assert event["state"] == "success" and event["delivery_attempt"] == 1
         # the delivery is over: a duplicate message changes nothing
-        assert sender.deliver(ids[name], "success", attempt=1, nonce="m").outcome == "skipped"
+        assert sender.deliver(entry(ids[name], "success")).outcome == "skipped"
     assert server.requests == []
     # the same loopback receiver, allowed by the test policy, does get the event
     allowed = WebhookSender(store, settings, policy=UrlPolicy(allow=("127.0.0.1",)))
@@ -181,7 +172,7 @@ def test_refused_targets_are_recorded_and_never_contacted(receiver, signing) -> 
         other, kind="system", queue="celery", task_name="t", extra={"webhook_url": loopback}
     )
     store.request_cancel(other)
-    assert allowed.deliver(other, "revoked", attempt=1, nonce="n").outcome == "delivered"
+    assert allowed.deliver(entry(other, "revoked")).outcome == "delivered"
     assert verified(server.wait_requests(1)[0])["type"] == "job.cancelled"
 
 
@@ -215,14 +206,11 @@ def test_succeeded_job_sends_a_signed_event(workers, receiver, signing) -> None:
 def test_failed_delivery_is_retried_with_backoff_and_both_attempts_recorded(
     workers, receiver, signing
 ) -> None:
-    # a countdown longer than the recovery grace: the waiting retry must not be "recovered"
-    backoff = settings.recovery_grace_seconds + 2 * settings.recovery_interval
+    backoff = 1.0
     server = receiver([500, 200])
-    worker = workers.start(
-        queues="celery", webhook_secret=SECRET, webhook_backoff_seconds=str(backoff)
-    )
+    workers.start(queues="celery", webhook_secret=SECRET, webhook_backoff_seconds=str(backoff))
     task_id = submit(server.url())
-    first, second = server.wait_requests(2, timeout=backoff + 30)
+    first, second = server.wait_requests(2, timeout=30)
     assert second.at - first.at >= backoff - 0.1
     assert verified(first) == verified(second)  # the same event, signed again
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
@@ -233,9 +221,19 @@ def test_failed_delivery_is_retried_with_backoff_and_both_attempts_recorded(
         ("delivered", 2),
     ]
     assert events[0]["message"] == f"webhook failed (HTTP 500), retry in {backoff:g} s"
-    assert events[0]["webhook_status"] == 500
-    assert "restored a job" not in worker.log()  # the retry's lease kept recovery off it
-    assert len(server.requests) == 2
+    assert events[0]["webhook_status"] == 500 and events[1]["webhook_status"] == 200
+    outbox = WebhookOutbox(get_redis(settings.redis_url), settings.key_prefix)
+    assert outbox.backlog() == (0, 0, 0) and len(server.requests) == 2
+
+
+def test_gives_up_after_the_last_attempt(workers, receiver) -> None:
+    server = receiver([503, 503, 503])
+    workers.start(queues="celery", webhook_backoff_seconds="0.1", webhook_max_attempts="3")
+    task_id = submit(server.url())
+    failed = wait_webhook_outcome(task_id, "failed")
+    assert failed["message"] == "webhook failed (HTTP 503); gave up after 3 attempts"
+    assert [e["delivery_attempt"] for e in webhook_events(task_id)] == [1, 2, 3]
+    assert len(server.requests) == 3
 
 
 def test_failed_and_cancelled_jobs_send_their_events(workers, receiver) -> None:
@@ -262,27 +260,36 @@ def test_failed_and_cancelled_jobs_send_their_events(workers, receiver) -> None:
     assert event["data"]["status"] == "revoked" and event["data"]["result"] is None
 
 
-def test_hanging_receiver_does_not_block_the_worker(workers, receiver) -> None:
-    server = receiver([HANG])
-    timeout = 2.0
+def test_hanging_receivers_do_not_block_jobs(workers, receiver) -> None:
+    """Deliveries run on the worker's delivery threads, not in its job processes: with
+    every delivery thread stuck on a receiver that never answers, jobs still flow."""
+    timeout = 4.0
+    hanging = [receiver([HANG]) for _ in range(3)]
     workers.start(
         queues="celery",
         concurrency=1,
         webhook_timeout_seconds=str(timeout),
         webhook_backoff_seconds="600",
+        webhook_delivery_threads="2",
     )
-    slow = submit(server.url())
-    server.wait_requests(1)  # the delivery is hanging in the worker's only process
-    submitted = time.monotonic()
-    other = probe.delay()
-    info = wait_for(
-        lambda: (i := task_manager.get_task_status(other.id)).status.is_final and i,
-        timeout + 15,
-        "the next job to finish",
-    )
-    waited = time.monotonic() - submitted
-    assert info.status is TaskStatus.SUCCESS
-    assert waited < timeout + 3, waited  # at most one bounded attempt ahead of it
-    retrying = wait_webhook_outcome(slow, "retrying")
-    assert retrying["message"].startswith("webhook failed (timed out posting to")
-    assert retrying["retry_in"] == 600 and retrying["webhook_status"] is None
+    slow = [submit(server.url()) for server in hanging]
+    wait_for(lambda: sum(len(s.requests) for s in hanging) >= 2, 30, "two hanging deliveries")
+    hung_at = time.monotonic()
+    waits = []
+    for _ in range(5):  # one after another on the worker's single job process
+        submitted = time.monotonic()
+        job = probe.delay()
+        info = wait_for(
+            lambda job=job: (i := task_manager.get_task_status(job.id)).status.is_final and i,
+            timeout,
+            "a job while deliveries hang",
+        )
+        assert info.status is TaskStatus.SUCCESS
+        waits.append(time.monotonic() - submitted)
+    assert time.monotonic() - hung_at < timeout  # all of it while both threads were stuck
+    assert max(waits) < 1.0, waits
+    # each hang ends at the timeout; the third delivery got a thread then
+    for task_id in slow:
+        retrying = wait_webhook_outcome(task_id, "retrying", timeout=3 * timeout + 10)
+        assert retrying["message"].startswith("webhook failed (timed out posting to")
+        assert retrying["retry_in"] == 600 and retrying["webhook_status"] is None

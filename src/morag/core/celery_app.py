@@ -16,8 +16,7 @@ from morag.core.config import ALL_QUEUES, DEFAULT_QUEUE, MODALITY_QUEUES, Settin
 
 logger = structlog.get_logger(__name__)
 
-# webhook_tasks matches no modality route, so its deliveries run on the default queue
-TASK_MODULES = [f"morag.tasks.{kind}_tasks" for kind in (*MODALITY_QUEUES, "system", "webhook")]
+TASK_MODULES = [f"morag.tasks.{kind}_tasks" for kind in (*MODALITY_QUEUES, "system")]
 
 
 def celery_config(cfg: Settings) -> dict[str, Any]:

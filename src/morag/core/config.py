@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # one attempt, end to end
     webhook_max_attempts: Annotated[int, Field(ge=1)] = 6
     webhook_backoff_seconds: Annotated[float, Field(ge=0)] = 2.0  # first retry; x3 each time
+    webhook_delivery_threads: Annotated[int, Field(ge=0)] = 8  # per worker; 0: sends none
     batch_max_items: int = 100
     max_metadata_bytes: int = 64 * 1024
 

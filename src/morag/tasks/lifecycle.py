@@ -3,15 +3,17 @@
 - A forked pool child drops the Redis clients it inherited.
 - A job terminated by ``revoke`` ends REVOKED; a job killed by the hard time limit ends
   FAILURE (Celery reports both in the worker's main process, where the task never ran).
-- Each worker announces itself (services/workers.py), restores jobs held by dead
-  workers (services/recovery.py) and dispatches owed webhooks (services/webhooks.py) from
-  one maintenance thread.
+- Each worker announces itself (services/workers.py) and restores jobs held by dead
+  workers (services/recovery.py) from one maintenance thread, which also hands owed
+  webhooks to the worker's delivery threads (services/webhooks.py), outside the pool
+  that runs jobs.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -83,7 +85,7 @@ def _remember_worker(sender: str = "", instance: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect
 def _start_maintenance(sender: Any = None, **_: Any) -> None:
     from morag.services.recovery import RecoveryLoop
-    from morag.services.webhooks import WebhookOutbox, celery_publisher
+    from morag.services.webhooks import WebhookDispatcher, WebhookOutbox, WebhookSender
 
     registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
     recovery = RecoveryLoop(
@@ -92,11 +94,39 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
         interval=settings.recovery_interval,
         grace_seconds=settings.recovery_grace_seconds,
     )
-    outbox = WebhookOutbox(
-        get_redis(settings.redis_url), settings.key_prefix, celery_publisher(sender.app)
-    )
-    _maintenance.append(_Maintenance(registry, recovery, outbox))
+    webhooks = None
+    if settings.webhook_delivery_threads:
+        _hold_log_locks_across_fork()  # delivery threads log while the pool forks children
+        webhooks = WebhookDispatcher(
+            WebhookOutbox(get_redis(settings.redis_url), settings.key_prefix),
+            WebhookSender(get_job_store(), settings),
+            threads=settings.webhook_delivery_threads,
+        )
+    _maintenance.append(_Maintenance(registry, recovery, webhooks))
     _maintenance[-1].start()
+
+
+def _hold_log_locks_across_fork() -> None:
+    """structlog's per-file write locks are not reset in a forked child: a pool child
+    forked while another thread of this process was writing a log line would block on its
+    first log line forever. Holding them all across ``fork`` (as ``logging`` does for its
+    own locks) means no thread is mid-write when the child is made."""
+    from structlog import _output
+
+    held: list[threading.Lock] = []
+
+    def before() -> None:
+        held[:] = list(getattr(_output, "WRITE_LOCKS", {}).values())
+        for lock in held:
+            lock.acquire()
+
+    def after() -> None:
+        for lock in held:
+            lock.release()
+
+    if not _fork_guard:
+        _fork_guard.append(True)
+        os.register_at_fork(before=before, after_in_parent=after, after_in_child=after)
 
 
 @signals.worker_shutting_down.connect
@@ -106,41 +136,52 @@ def _stop_maintenance(**_: Any) -> None:
 
 
 class _Maintenance(threading.Thread):
-    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones,
-    send the webhooks owed by jobs that ended."""
+    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones; every
+    ``WEBHOOK_DISPATCH_INTERVAL``: start the webhooks owed by jobs that ended."""
 
-    def __init__(self, registry: WorkerRegistry, recovery: Any, outbox: Any = None) -> None:
+    def __init__(self, registry: WorkerRegistry, recovery: Any, webhooks: Any = None) -> None:
         super().__init__(name="morag-maintenance", daemon=True)
         self.registry = registry
         self.recovery = recovery
-        self.outbox = outbox
+        self.webhooks = webhooks
         self._stopped = threading.Event()
 
     def run(self) -> None:
         interval = settings.recovery_interval
+        # webhooks go out on a shorter tick than recovery: one cheap script call when idle
+        tick = min(interval, WEBHOOK_DISPATCH_INTERVAL) if self.webhooks else interval
+        next_round = 0.0
         while not self._stopped.is_set():
+            if time.monotonic() >= next_round:
+                next_round = time.monotonic() + interval
+                try:
+                    self.registry.announce(
+                        WorkerInfo(pid=os.getpid(), seen_at=utcnow().isoformat(), **_worker),
+                        ttl_seconds=3 * interval,
+                    )
+                    self.recovery.run_once()
+                except Exception as exc:  # Redis away: the next round tries again
+                    logger.warning("worker maintenance failed", error=str(exc))
             try:
-                self.registry.announce(
-                    WorkerInfo(pid=os.getpid(), seen_at=utcnow().isoformat(), **_worker),
-                    ttl_seconds=3 * interval,
-                )
-                self.recovery.run_once()
-            except Exception as exc:  # Redis away: the next round tries again
-                logger.warning("worker maintenance failed", error=str(exc))
-            try:
-                if self.outbox is not None:
-                    self.outbox.dispatch()
+                if self.webhooks is not None:
+                    self.webhooks.dispatch()  # starts attempts on its threads; never waits
             except Exception as exc:  # entries stay in the outbox for the next round
                 logger.warning("webhook dispatch failed", error=str(exc))
-            self._stopped.wait(interval)
+            self._stopped.wait(tick)
 
     def stop(self) -> None:
         self._stopped.set()
+        if self.webhooks is not None:
+            self.webhooks.close()
         try:
             self.registry.withdraw(_worker["hostname"])
         except Exception as exc:
             logger.warning("could not withdraw worker", error=str(exc))
 
 
+#: Seconds between two looks at the webhook outbox (a job's webhook waits at most this).
+WEBHOOK_DISPATCH_INTERVAL = 0.5
+
 _worker: dict[str, Any] = {"hostname": "", "queues": [], "concurrency": 0, "started_at": ""}
 _maintenance: list[_Maintenance] = []
+_fork_guard: list[bool] = []
