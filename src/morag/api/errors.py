@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -107,6 +108,18 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         return error_response(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis restarting is an outage the client can wait out, not a server bug.
+        logger.warning("job store unreachable", path=request.url.path, error=str(exc))
+        return error_response(
+            503,
+            "unavailable",
+            "the job store (Redis) is unreachable; retry shortly",
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)
