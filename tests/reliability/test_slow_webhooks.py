@@ -98,15 +98,6 @@ def test_slow_webhook_receivers_do_not_block_jobs_or_the_api(
     assert worker.alive()
     assert max(health) < 1.0, health
     assert posts >= len(hooked)  # every receiver was tried
-    # Bounded: each delivery attempt holds a worker process for at most the timeout, so a
-    # normal job waits at most for the attempts queued ahead of it, spread over 2 processes.
-    attempts_ahead = posts
-    assert max(latency) < attempts_ahead * WEBHOOK_TIMEOUT / 2 + 3, figures
-    # Not blocked at all would be: no normal job waits longer than one attempt (plus slack).
-    if max(latency) >= WEBHOOK_TIMEOUT + 2:
-        pytest.xfail(
-            "known gap: webhook deliveries run on the job workers' pool (celery queue), so "
-            f"slow receivers delay normal jobs: p50 {figures['normal_latency_p50_s']} s vs "
-            f"{figures['normal_latency_baseline_p50_s']} s without webhooks "
-            "(see docs/reliability.md, scenario 7)"
-        )
+    # Deliveries run on their own threads, not the job pool: no normal job waits longer
+    # than one delivery attempt (plus slack), however many receivers hang.
+    assert max(latency) < WEBHOOK_TIMEOUT + 2, figures
