@@ -22,6 +22,7 @@ from httpx_sse import connect_sse
 
 from tests.e2e.conftest import RunningApi
 from tests.harness import ROOT, wait_for
+from tests.samples import make_pdf
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -180,6 +181,36 @@ def test_document_job_end_to_end_with_live_events(
         assert [sse.event for sse in source.iter_sse()] == ["success"]
 
     assert f"task_id={task_id}" in shared_api.log()  # request lines carry the task id
+
+
+def test_many_followers_of_one_job_all_see_its_end(client: httpx.Client) -> None:
+    """Each follower subscribes before reading the history, so a change right after they
+    connect reaches all of them exactly once, and every stream closes at the final state."""
+    task_id = upload(client, b"# Followed\n").json()["task_id"]
+    followers = 20
+    connected = threading.Barrier(followers + 1, timeout=30)
+    seen: list[list[str]] = []
+
+    def follow() -> None:
+        with (
+            httpx.Client(base_url=str(client.base_url), timeout=30) as own,
+            connect_sse(own, "GET", f"{STATUS}/{task_id}/events") as source,
+        ):
+            names = []
+            for sse in source.iter_sse():
+                names.append(sse.event)
+                if len(names) == 1:
+                    connected.wait()
+            seen.append(names)
+
+    threads = [threading.Thread(target=follow) for _ in range(followers)]
+    for thread in threads:
+        thread.start()
+    connected.wait()  # every follower has its first event: all are subscribed
+    assert client.delete(f"{INGEST}/{task_id}").json()["outcome"] == "revoked"
+    for thread in threads:
+        thread.join(30)
+    assert seen == [["pending", "revoked"]] * followers
 
 
 def test_result_history_and_events_of_unknown_or_unfinished_jobs(client: httpx.Client) -> None:
@@ -525,6 +556,25 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     second = wait_final(client, again.json()["task_id"])
     assert second["retry_of"] == broken and second["status"] == "failure"
     assert second["metadata"] == failed["metadata"] == {"n": 1, "filename": "broken.pdf"}
+
+
+def test_cancelling_a_running_job(client: httpx.Client, workers, tmp_path: Path) -> None:
+    """A long PDF (progress on every page): cancelled while converting, it stops early."""
+    pdf = make_pdf(tmp_path / "long.pdf", pages=4000).read_bytes()
+    task_id = upload(client, pdf, name="long.pdf").json()["task_id"]
+    workers.start(queues="document_processing")
+
+    def converting() -> bool:
+        body = client.get(f"{STATUS}/{task_id}").json()
+        assert body["status"] not in ("success", "failure"), body
+        return body["stage"] == "converting"
+
+    wait_for(converting, 60, "the job to be converting pages", interval=0.02)
+    cancel = client.delete(f"{INGEST}/{task_id}")
+    assert cancel.status_code == 202 and cancel.json()["outcome"] == "cancelling", cancel.text
+    final = wait_final(client, task_id, timeout=15)
+    assert final["status"] == "revoked" and final["progress"] < 0.85, final
+    error_of(client.get(f"{STATUS}/{task_id}/result"), 409)
 
 
 # --- listing and stats ---------------------------------------------------------------------

@@ -32,11 +32,13 @@ api_key_scheme = APIKeyHeader(
 )
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are ``async``: FastAPI runs sync ones in its thread pool,
+# one hop per dependency per request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_service(request: Request) -> IngestionService:
+async def get_service(request: Request) -> IngestionService:
     return request.app.state.ingestion  # type: ignore[no-any-return]
 
 
@@ -53,7 +55,7 @@ def key_matches(presented: str, keys: list[str]) -> bool:
     return matched
 
 
-def authenticate(
+async def authenticate(
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
     api_key: Annotated[str | None, Security(api_key_scheme)],

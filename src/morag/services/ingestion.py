@@ -38,6 +38,7 @@ from morag.core.errors import (
     LimitExceededError,
     MoragError,
     NotFoundError,
+    TransientError,
     UnsupportedFormatError,
 )
 from morag.core.redis_conn import get_redis
@@ -65,6 +66,9 @@ LIST_SCAN_PAGE = 200
 #: Seconds a dedupe/idempotency claim lives before its job record exists; a crashed
 #: submission frees the key after this.
 CLAIM_SECONDS = 60
+#: Event-stream followers per API process. Each holds its own Redis pub/sub connection
+#: (simple and independent of every other follower); Redis allows 10,000 clients by default.
+MAX_FOLLOWERS = 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -168,7 +172,11 @@ class IngestionService:
         if self._aio is None:
             import redis.asyncio as aioredis
 
-            self._aio = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+            self._aio = aioredis.Redis.from_url(
+                self.settings.redis_url,
+                socket_connect_timeout=2,
+                max_connections=MAX_FOLLOWERS + 32,  # followers plus existence checks
+            )
         return self._aio
 
     async def aclose(self) -> None:
@@ -812,9 +820,17 @@ class IngestionService:
         then skips live events the history already held (same time stamp and content).
         ``after`` (an event's ``ts``, as sent in SSE ids) skips events up to it.
         """
+        import redis.asyncio as aioredis
+
         pubsub = self.aio.pubsub()
         try:
-            await pubsub.subscribe(self.store.channel(task_id))
+            try:
+                await pubsub.subscribe(self.store.channel(task_id))
+            except aioredis.MaxConnectionsError:
+                raise TransientError(
+                    f"this API process already serves {MAX_FOLLOWERS} event streams; "
+                    "retry later or poll the status"
+                ) from None
             while True:  # the subscription is live once Redis confirms it
                 message = await pubsub.get_message(timeout=5.0)
                 if message is not None and message["type"] == "subscribe":

@@ -20,7 +20,7 @@ from morag.api.schemas import (
     JobStatus,
     QueueStats,
 )
-from morag.core.errors import NotFoundError
+from morag.core.errors import MoragError, NotFoundError
 from morag.services.jobs import TaskInfo, TaskStatus
 
 router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[Depends(authenticate)])
@@ -33,9 +33,13 @@ SSE_PING_SECONDS = 15
 # One Server-Sent Event (OpenAPI 3.1 reads a text/event-stream schema as one event).
 _SSE_EVENT = {
     "type": "object",
-    "required": ["event", "id", "data"],
+    "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "description": "the job's state after this event"},
+        "event": {
+            "type": "string",
+            "description": "the job's state after this event; 'error' (data: the error "
+            "shape) when the stream cannot go on",
+        },
         "id": {"type": "string", "description": "the event's timestamp (ISO 8601, UTC)"},
         "data": {
             "type": "string",
@@ -162,11 +166,15 @@ async def follow_job(
         raise NotFoundError(f"no job with id {task_id}")
 
     async def events() -> AsyncIterator[dict[str, str]]:
-        async for event in service.follow(task_id, after=last_event_id):
-            yield {
-                "event": str(event.get("state", "message")),
-                "id": str(event.get("ts", "")),
-                "data": json.dumps({**event, "task_id": task_id}),
-            }
+        try:
+            async for event in service.follow(task_id, after=last_event_id):
+                yield {
+                    "event": str(event.get("state", "message")),
+                    "id": str(event.get("ts", "")),
+                    "data": json.dumps({**event, "task_id": task_id}),
+                }
+        except MoragError as exc:
+            # The stream has started (200 sent): the error becomes its last event.
+            yield {"event": "error", "data": json.dumps({"error": exc.to_dict()})}
 
     return EventSourceResponse(events(), ping=SSE_PING_SECONDS)
