@@ -687,6 +687,21 @@ class IngestionService:
             raise NotFoundError(f"no job with id {task_id}")
         return self.store.history(task_id)
 
+    def artifact_path(self, task_id: str, name: str) -> tuple[Path, str]:
+        """The file of one of a finished job's artefacts (a keyframe) and its media type."""
+        result = self.store.result(task_id)
+        if result is None:
+            raise NotFoundError(f"job {task_id} has no stored result")
+        for artifact in result.get("artifacts") or []:
+            if artifact.get("name") == name:
+                assert self.settings.artifact_dir is not None
+                root = self.settings.artifact_dir.resolve()
+                path = (root / artifact["path"]).resolve()
+                if path.is_relative_to(root) and path.is_file():
+                    return path, artifact.get("media_type") or "application/octet-stream"
+                raise NotFoundError(f"artefact {name} of job {task_id} is no longer stored")
+        raise NotFoundError(f"job {task_id} has no artefact named {name}")
+
     def result(
         self, task_id: str, *, offset: int, limit: int, include_markdown: bool = True
     ) -> dict[str, Any]:
@@ -820,13 +835,12 @@ class IngestionService:
         then skips live events the history already held (same time stamp and content).
         ``after`` (an event's ``ts``, as sent in SSE ids) skips events up to it.
         """
-        import redis.asyncio as aioredis
 
         pubsub = self.aio.pubsub()
         try:
             try:
                 await pubsub.subscribe(self.store.channel(task_id))
-            except aioredis.MaxConnectionsError:
+            except redis.exceptions.MaxConnectionsError:
                 raise TransientError(
                     f"this API process already serves {MAX_FOLLOWERS} event streams; "
                     "retry later or poll the status"

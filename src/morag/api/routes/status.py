@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
 from morag.api.deps import ServiceDep, authenticate
@@ -125,6 +126,27 @@ def get_result(
     """The Markdown, metadata and a page of chunks of a job that succeeded (409 otherwise)."""
     request.state.task_id = task_id
     return service.result(task_id, offset=offset, limit=limit, include_markdown=include_markdown)
+
+
+@router.get(
+    "/{task_id}/artifacts/{name}",
+    summary="A file a job produced (a video keyframe)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/jpeg": {}, "application/octet-stream": {}}},
+        **error_responses(401, 404, 422, 500),
+    },
+)
+def get_artifact(
+    task_id: TaskId,
+    request: Request,
+    service: ServiceDep,
+    name: Annotated[str, Path(min_length=1, max_length=200, description="artefact name")],
+) -> FileResponse:
+    """Artefacts are listed in the result; files live in shared storage (artifact_dir)."""
+    request.state.task_id = task_id
+    path, media_type = service.artifact_path(task_id, name)
+    return FileResponse(path, media_type=media_type, filename=name)
 
 
 @router.get(
