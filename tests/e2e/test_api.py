@@ -372,7 +372,7 @@ def test_url_job_runs_and_bad_urls_are_refused(
             422,
             "invalid_input",
         ),
-        ({"url": "https://example.com/talk.mp3", "source_type": "audio"}, 422, "not_supported_yet"),
+        ({"url": "http://10.1.2.3/talk.mp3", "source_type": "audio"}, 422, "forbidden_target"),
         ({"url": "https://example.com/", "metadata": {"x": "y" * 70_000}}, 413, "limit_exceeded"),
     ]
     for body, status, code in refusals:

@@ -16,7 +16,7 @@ from morag.core.errors import (
     LimitExceededError,
     UnsupportedFormatError,
 )
-from morag.services.ingestion import IngestionService, NotSupportedYetError, normalise_url
+from morag.services.ingestion import IngestionService, normalise_url
 from morag.services.uploads import StoredFile
 
 
@@ -101,9 +101,19 @@ def test_url_submissions(service: IngestionService) -> None:
     with pytest.raises(ForbiddenTargetError) as raised:
         service.prepare_url("https://example.com/", webhook_url="http://[::1]:9/hook")
     assert raised.value.details["field"] == "webhook_url"
-    with pytest.raises(NotSupportedYetError, match="not supported yet") as raised:
-        service.prepare_url("https://example.com/a.mp4", source_type="video")
-    assert raised.value.http_status == 422
+    # Media URLs go to the media tasks, which download them; the same URL as a web page
+    # is different work.
+    video = service.prepare_url("https://example.com/a.mp4", source_type="video")
+    assert video.kind == "video"
+    assert video.kwargs == {
+        "url": "https://example.com/a.mp4",
+        "metadata": {},
+        "options": video.kwargs["options"],
+    }
+    as_page = service.prepare_url("https://example.com/a.mp4")
+    assert as_page.kind == "web" and as_page.content_key != video.content_key
+    with pytest.raises(ForbiddenTargetError):
+        service.prepare_url("http://10.0.0.1/a.mp3", source_type="audio")
 
 
 def _stored(tmp_path: Path, content: bytes, name: str) -> StoredFile:

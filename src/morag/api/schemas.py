@@ -34,7 +34,7 @@ class ChunkingOptionsIn(_Request):
 
 
 class UrlIngestRequest(_Request):
-    """A web page to ingest (audio and video URLs are refused for now: 422)."""
+    """A web page to ingest, or audio or video the worker downloads (``source_type``)."""
 
     url: str = Field(
         ..., min_length=1, max_length=MAX_URL_CHARS, examples=["https://example.com/article"]

@@ -72,13 +72,6 @@ MAX_FOLLOWERS = 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class NotSupportedYetError(InvalidInputError):
-    """A well-formed request for something morag does not do yet (422, not 501: nothing
-    the client can retry, and a 5xx would read as a server fault)."""
-
-    code = "not_supported_yet"
-
-
 @dataclass
 class JobSpec:
     """A checked submission, ready to publish."""
@@ -282,25 +275,25 @@ class IngestionService:
         options: dict[str, Any] | None = None,
         field_prefix: str = "",
     ) -> JobSpec:
-        """Check a URL submission; audio and video URLs are refused: not supported yet."""
+        """Check a URL submission: a web page (``web``), or media the worker downloads and
+        processes like an upload (``audio``, ``video``)."""
         checked = self._check_url(url, f"{field_prefix}url")
-        if source_type != "web":
-            raise NotSupportedYetError(
-                f"ingesting {source_type} from a URL is not supported yet: download the file "
-                "and upload it to POST /api/v1/ingest/file",
+        if source_type not in ("web", "audio", "video"):
+            raise InvalidInputError(
+                f"source_type must be web, audio or video, not {source_type!r}",
                 details={"field": f"{field_prefix}source_type", "source_type": source_type},
             )
         meta = self.check_metadata(metadata, f"{field_prefix}metadata")
         hook = self.check_webhook(webhook_url, f"{field_prefix}webhook_url")
         opts = self.check_options(options, f"{field_prefix}options")
         return JobSpec(
-            kind="web",
+            kind=source_type,
             kwargs={"url": checked, "metadata": meta, "options": opts},
             webhook_url=hook,
             content_key=_digest(
                 {
                     "url": normalise_url(checked),
-                    "source_type": "web",
+                    "source_type": source_type,
                     "options": opts,
                     "webhook_url": hook,
                 }

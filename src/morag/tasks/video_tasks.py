@@ -6,7 +6,13 @@ from typing import Any
 
 from morag.core.celery_app import celery_app
 from morag.core.config import settings
-from morag.tasks.options import chunking_options, input_file, processor_limits
+from morag.tasks.options import (
+    check_one_input,
+    chunking_options,
+    download_input,
+    input_file,
+    processor_limits,
+)
 from morag.tasks.processing import ProcessingTask
 
 
@@ -23,14 +29,19 @@ class VideoTask(ProcessingTask):
 )
 def process_video_task(
     self: VideoTask,
-    file_path: str,
+    file_path: str = "",
     metadata: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    url: str = "",
 ) -> Any:
-    """Metadata, keyframes and a transcript of a video."""
+    """Metadata, keyframes and a transcript of a video (a file, or a URL downloaded first)."""
     from morag.processors.video import process_video
 
     self.update_progress(0.01, "checking the input", stage="validating")
+    check_one_input(file_path, url)
+    if url:
+        self.update_progress(0.02, "downloading the media", stage="downloading")
+        file_path = str(download_input(url, self.request.id))
     path = input_file(file_path)
     assert settings.artifact_dir is not None
     return process_video(

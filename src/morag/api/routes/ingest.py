@@ -231,7 +231,7 @@ async def ingest_file(
     "/url",
     status_code=202,
     response_model=SubmissionResponse,
-    summary="Ingest a web page",
+    summary="Ingest a web page, or audio or video from a URL",
     responses={202: {"headers": _LOCATION}, **error_responses(401, 413, 422, 500)},
 )
 def ingest_url(
@@ -242,8 +242,9 @@ def ingest_url(
     principal: Principal,
     idempotency_key: IdempotencyKey = None,
 ) -> SubmissionResponse:
-    """Check the URL (http/https, SSRF guard: 422 when forbidden) and queue it. Audio and
-    video URLs are not supported yet (422 ``not_supported_yet``): upload those files."""
+    """Check the URL (http/https, SSRF guard: 422 when forbidden) and queue it. With
+    ``source_type`` audio or video the worker downloads the media (through the same guard)
+    and processes it like an upload."""
     spec = service.prepare_url(
         body.url,
         source_type=body.source_type,
