@@ -69,7 +69,8 @@ class Submitter:
             task_name=name,
             input=inputs or {"args": []},
             metadata=kwargs.get("metadata") or {},
-            extra=extra,
+            # as the API does: what the message carries, to queue it again if it is lost
+            extra={"submission": json.dumps({"task": name, "kwargs": kwargs}), **(extra or {})},
         )
         self.app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue, **options)
         return task_id

@@ -115,12 +115,15 @@ def test_redis_restart_loses_no_job(own_redis, report, kind: str, sig: int, outa
 
     name = f"redis-restart/{kind}/{signal.Signals(sig).name}/down-{outage:g}s"
     tally = audit(name, sub.store, ids, records)
+    # jobs whose message Redis lost in delivery, queued again by recovery (test_lost_message)
+    requeued = sum(1 for i in ids if any(e["stage"] == "requeued" for e in sub.store.history(i)))
     report.record(
         tally,
         running_at_stop=len(long_ids),
         queued_at_stop=len(queued_ids),
         redis_down_s=round(down_s, 2),
         all_final_after_s=round(drained_s, 1),
+        lost_in_delivery_requeued=requeued,
         api_answer_while_down=refused.status_code if refused is not None else None,
         states_of_running={records[i].status.value if records[i] else None for i in long_ids},
     )

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from kombu.utils import json as kombu_json
 
 from morag.core.celery_app import BaseTask
 from morag.core.config import MODALITY_QUEUES, settings
@@ -147,6 +148,10 @@ class ProcessingTask(BaseTask):
         self, task_id: str, args: Any, kwargs: dict[str, Any], extra: dict[str, str] | None = None
     ) -> bool:
         inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
+        # What the message carries, so a job whose message the broker lost can be queued
+        # again (services/recovery.py); the API writes its own, which wins.
+        # kombu's JSON: the same types as the message itself (datetimes, UUIDs...)
+        submission = kombu_json.dumps({"task": self.name, "args": list(args), "kwargs": kwargs})
         return get_job_store().create(
             task_id,
             kind=self.kind,
@@ -154,7 +159,7 @@ class ProcessingTask(BaseTask):
             task_name=self.name,
             input=inputs or {"args": list(args)},
             metadata=kwargs.get("metadata") or {},
-            extra=extra,
+            extra={"submission": submission, **(extra or {})},
         )
 
     @property
