@@ -34,6 +34,7 @@ from morag.services.jobs import TaskStatus
 from tests.reliability.support import audit, wait_all_final
 
 WEB_TASK = "morag.tasks.web_tasks.process_web_task"
+AUDIO_TASK = "morag.tasks.audio_tasks.process_audio_task"  # downloads a media URL first
 FAKE_HOSTS = {
     "internal.test": ["10.0.0.5"],
     "metadata.test": ["169.254.169.254"],
@@ -84,10 +85,12 @@ class Handler(BaseHTTPRequestHandler):
     def redirect(self, location: str) -> None:
         self.send(302, Location=location)
 
-    def stream(self, declared: int | None, stall: bool = False) -> None:
+    def stream(
+        self, declared: int | None, stall: bool = False, content_type: str = "text/html"
+    ) -> None:
         """Up to 2 GB (or headers claiming it, then silence); stops when the client leaves."""
         self.send_response(200)
-        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Type", content_type)
         if declared is not None:
             self.send_header("Content-Length", str(declared))
         self.end_headers()
@@ -118,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
             "/to-name": lambda: self.redirect(f"http://internal.test:{port}/secret"),
             "/loop": lambda: self.redirect("/loop"),
             "/huge": lambda: self.stream(None),
+            "/huge.mp3": lambda: self.stream(None, content_type="audio/mpeg"),
+            "/r1.mp3": lambda: self.redirect(f"http://[::1]:{v6}/secret.mp3"),
             "/huge-declared": lambda: self.stream(TWO_GB, stall=True),
             "/never-ends": lambda: self.stream(100_000, stall=True),
             "/image": lambda: self.send(200, b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png"),
@@ -155,7 +160,8 @@ def tripwire_worker(module_workers, tmp_path: Path):
     def start(**env: str):
         worker = module_workers(
             "tests.reliability.tripwire_worker",
-            queues="web_processing",
+            queues="web_processing,audio_processing",
+            preload_models="false",  # no speech model: these jobs never get that far
             concurrency=2,
             test_tripwire_log=str(log),
             test_fake_hosts=json.dumps(FAKE_HOSTS),
@@ -171,8 +177,15 @@ def _records(log: Path) -> list[dict]:
 
 
 def _run(submitter, urls: dict[str, str], timeout: float = 90):
+    """Submit each URL as a web job, or as an audio job (a media download) when its name
+    starts with ``audio``."""
     ids = {
-        name: submitter.submit(WEB_TASK, kind="web", queue="web_processing", kwargs={"url": url})
+        name: submitter.submit(
+            AUDIO_TASK if name.startswith("audio") else WEB_TASK,
+            kind="audio" if name.startswith("audio") else "web",
+            queue="audio_processing" if name.startswith("audio") else "web_processing",
+            kwargs={"url": url},
+        )
         for name, url in urls.items()
     }
     records = wait_all_final(submitter.store, list(ids.values()), timeout=timeout)
@@ -207,6 +220,9 @@ def test_forbidden_targets_are_refused_end_to_end(
         "name->loopback+private": f"http://mixed.test:{a}/article",
         "name->fd00::5": "http://v6-internal.test/",
         "name->127.0.0.1": f"http://loop.test:{a}/article",
+        "audio 127.0.0.1": f"http://127.0.0.1:{a}/huge.mp3",
+        "audio metadata": "http://169.254.169.254/latest/a.mp3",
+        "audio name->10.0.0.5": f"http://internal.test:{a}/huge.mp3",
     }
     ids, records = _run(submitter, urls)
     tally = audit("hostile-urls/strict", submitter.store, list(ids.values()), records)
@@ -236,7 +252,10 @@ def test_hostile_responses_end_clearly_end_to_end(
 ) -> None:
     v4, v6 = listeners
     worker, log = tripwire_worker(
-        ssrf_allow="127.0.0.1,10.9.9.9", web_timeout_seconds="2", max_web_bytes=str(1024 * 1024)
+        ssrf_allow="127.0.0.1,10.9.9.9",
+        web_timeout_seconds="2",
+        max_web_bytes=str(1024 * 1024),
+        max_upload_bytes=str(1024 * 1024),  # the cap of a media download
     )
     base = f"http://127.0.0.1:{v4.port}"
     expected = {
@@ -248,6 +267,9 @@ def test_hostile_responses_end_clearly_end_to_end(
         "2GB-declared": ("/huge-declared", "LimitExceededError"),
         "never-finishes": ("/never-ends", "TransientError"),
         "image": ("/image", "UnsupportedFormatError"),
+        "audio redirect->[::1]": ("/r1.mp3", "ForbiddenTargetError"),
+        "audio 2GB": ("/huge.mp3", "LimitExceededError"),
+        "audio that is a page": ("/article", "UnsupportedFormatError"),
         "normal-page": ("/article", None),
         "canary": (f"http://canary.test:{v4.port}/article", "TransientError"),
     }
