@@ -1,16 +1,26 @@
-"""The ``morag`` command: run the service (``up``, ``worker``, ``api``)."""
+"""The ``morag`` command: run the service (``up``, ``worker``, ``api``) and use it as a
+client (``ingest``, ``status``, ``cancel``, ``jobs``; HTTP logic in ``morag.client``).
+
+Client exit codes: 0 done, 1 the job failed or was cancelled, 2 bad usage, 3 the API
+refused the request or could not be reached, 4 ``--timeout`` passed while waiting."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from morag.client import MoragClient
 
 app = typer.Typer(
     help="morag: asynchronous ingestion for RAG pipelines.",
@@ -127,6 +137,313 @@ def _stop_child(name: str, child: subprocess.Popen[bytes], timeout: float = 15.0
         typer.echo(f"morag: {name} did not stop in {timeout:.0f} s; killing it", err=True)
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+# --- client commands ------------------------------------------------------------------------
+
+EXIT_JOB_FAILED = 1
+EXIT_API_ERROR = 3
+EXIT_TIMEOUT = 4
+
+ApiUrl = Annotated[
+    str,
+    typer.Option(
+        "--api-url", envvar="MORAG_API_URL", help="base URL of the morag API", show_envvar=True
+    ),
+]
+ApiKey = Annotated[
+    str,
+    typer.Option(
+        "--api-key",
+        envvar="MORAG_API_KEY",
+        help="API key, sent as 'Authorization: Bearer'",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="print the API's JSON answer")]
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+def _client(api_url: str, api_key: str) -> MoragClient:
+    from morag.client import MoragClient
+
+    return MoragClient(api_url or DEFAULT_API_URL, api_key=api_key or None)
+
+
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """An API error becomes a clear message on stderr and exit code 3 (4 on timeout)."""
+    from morag.client import MoragApiError
+
+    try:
+        yield
+    except MoragApiError as exc:
+        typer.echo(f"morag: {exc}", err=True)
+        for problem in exc.details.get("errors") or []:  # validation errors name the field
+            if isinstance(problem, dict):
+                where = problem.get("field") or "request"
+                typer.echo(f"  {where}: {problem.get('message', '')}", err=True)
+        raise typer.Exit(EXIT_TIMEOUT if exc.code == "timeout" else EXIT_API_ERROR) from None
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _fields(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    """A job's status as ``name: value`` lines, result summary indented."""
+    progress = float(job.get("progress") or 0.0)
+    lines = [
+        ("task_id", job.get("task_id")),
+        ("status", job.get("status")),
+        ("kind", job.get("kind")),
+        ("progress", f"{progress * 100:.0f}%"),
+        ("stage", job.get("stage")),
+        ("message", job.get("message")),
+        ("attempts", job.get("attempts")),
+        ("created_at", job.get("created_at")),
+        ("started_at", job.get("started_at")),
+        ("finished_at", job.get("finished_at")),
+    ]
+    for name, value in lines:
+        if value not in (None, ""):
+            typer.echo(f"{name}: {value}")
+    error = job.get("error")
+    if error:
+        typer.echo(f"error: {error.get('type') or 'error'}: {error.get('message')}")
+    if job.get("result"):
+        typer.echo("result:")
+        for name, value in job["result"].items():
+            typer.echo(f"  {name}: {_fields(value)}")
+
+
+class _ProgressView:
+    """Live progress from the job's events: a rich bar on a terminal, plain lines when
+    the output is a file or pipe (one per stage, and every 10% within a stage)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.bar: Any = None
+        self.last: tuple[str, int] = ("", -1)
+
+    def __enter__(self) -> _ProgressView:
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}", markup=False),  # messages are not markup
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("queued", total=100)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, event: dict[str, Any]) -> None:
+        stage = str(event.get("stage") or event.get("state") or "")
+        if stage == "webhook":
+            return  # delivery reports after the end; not the job's progress
+        percent = int(float(event.get("progress") or 0.0) * 100)
+        message = str(event.get("message") or "")
+        text = f"{stage}: {message}" if message and message != stage else stage
+        if self.bar is not None:
+            self.bar.update(self.task, completed=percent, description=text)
+        elif stage != self.last[0] or percent // 10 != self.last[1] // 10:
+            self.console.print(
+                f"{percent:3d}% {text}", highlight=False, markup=False, soft_wrap=True
+            )
+        self.last = (stage, percent)
+
+
+def _finish(job: dict[str, Any], as_json: bool) -> None:
+    """Print a finished job; exit 1 when it did not succeed."""
+    if as_json:
+        _print_json(job)
+    else:
+        status = job.get("status")
+        label = {"success": "done", "failure": "failed", "revoked": "cancelled"}.get(
+            str(status), str(status)
+        )
+        typer.echo(f"{label}: {job.get('task_id')}")
+        _print_job(job)
+    if job.get("status") != "success":
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@app.command()
+def ingest(
+    target: Annotated[str, typer.Argument(help="a file to upload, or an http(s) URL")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end")] = False,
+    source_type: Annotated[
+        str | None,
+        typer.Option(help="document, audio, video (files; detected when absent) or web (URLs)"),
+    ] = None,
+    metadata: Annotated[str | None, typer.Option(help="a JSON object stored with the job")] = None,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="URL that gets a signed event when the job ends")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="with --wait: give up after this many seconds (0: never)")
+    ] = 0.0,
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Submit a file or URL for ingestion; with --wait, show its progress and result."""
+    meta: dict[str, Any] | None = None
+    if metadata is not None:
+        try:
+            meta = json.loads(metadata)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+        if not isinstance(meta, dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--metadata")
+    is_url = target.lower().startswith(("http://", "https://"))
+    if not is_url and not Path(target).is_file():
+        raise typer.BadParameter(f"no such file: {target}", param_hint="TARGET")
+    with _api_errors(), _client(api_url, api_key) as client:
+        options: dict[str, Any] = {
+            "source_type": source_type,
+            "metadata": meta,
+            "webhook_url": webhook_url,
+        }
+        if is_url:
+            submission = client.ingest_url(target, **options)
+        else:
+            submission = client.ingest_file(Path(target), **options)
+        task_id = submission["task_id"]
+        if not wait:
+            if as_json:
+                _print_json(submission)
+            else:
+                typer.echo(f"submitted {task_id} ({submission['status']}): {submission['message']}")
+            return
+        typer.echo(
+            f"submitted {task_id}; following it (Ctrl-C stops following, not the job)", err=True
+        )
+        try:
+            with _ProgressView() as view:
+                job = client.wait(task_id, on_event=view.update, timeout=timeout or None)
+        except KeyboardInterrupt:
+            typer.echo(f"stopped following; the job goes on (morag status {task_id})", err=True)
+            raise typer.Exit(130) from None
+    _finish(dict(job), as_json)
+
+
+@app.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="the job's id")],
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Show a job's state, progress, timestamps, error and result summary."""
+    with _api_errors(), _client(api_url, api_key) as client:
+        job = dict(client.status(task_id))
+    if as_json:
+        _print_json(job)
+    else:
+        _print_job(job)
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="the job's id")],
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Cancel a queued or running job."""
+    with _api_errors(), _client(api_url, api_key) as client:
+        answer = client.cancel(task_id)
+    if as_json:
+        _print_json(answer)
+    else:
+        typer.echo(f"{answer.get('outcome', 'cancelled')}: {task_id}: {answer.get('message', '')}")
+
+
+@app.command()
+def jobs(
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="only jobs in this state (pending, started, progress, success, "
+            "failure, retry, revoked)"
+        ),
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="document, audio, video or web")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many jobs")] = 20,
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """List jobs, newest first."""
+    with _api_errors(), _client(api_url, api_key) as client:
+        page = client.jobs(state=state, kind=kind, limit=limit)
+    if as_json:
+        _print_json(page)
+        return
+    items = page.get("items") or []
+    if not items:
+        typer.echo("no jobs")
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    console = Console()
+    rows = [
+        (
+            str(job.get("task_id")),
+            str(job.get("status")),
+            str(job.get("kind") or ""),
+            f"{float(job.get('progress') or 0) * 100:.0f}%",
+            str(job.get("created_at") or "")[:16].replace("T", " "),  # fits 80 columns
+        )
+        for job in items
+    ]
+    header = ("TASK ID", "STATUS", "KIND", "DONE", "CREATED (UTC)")
+    if console.is_terminal:
+        # ids whole: the other columns give way on a narrow terminal
+        table = Table(
+            Column(header[0], no_wrap=True, min_width=36),
+            *header[1:],
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # a pipe or file: aligned plain lines, easy to grep and cut
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            typer.echo(
+                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            )
+    if page.get("next_offset") is not None:
+        typer.echo(f"(more: raise --limit; next offset {page['next_offset']})", err=True)
 
 
 if __name__ == "__main__":
