@@ -1,0 +1,1 @@
+"""morag benchmark suite: ``bench/run`` (see bench/README.md)."""
