@@ -6,13 +6,7 @@ from typing import Any
 
 from morag.core.celery_app import celery_app
 from morag.core.config import settings
-from morag.tasks.options import (
-    check_one_input,
-    chunking_options,
-    download_input,
-    input_file,
-    processor_limits,
-)
+from morag.tasks.options import chunking_options, media_input, processor_limits
 from morag.tasks.processing import ProcessingTask
 
 
@@ -38,12 +32,7 @@ def process_audio_task(
     downloaded first)."""
     from morag.processors.audio import process_audio
 
-    self.update_progress(0.01, "checking the input", stage="validating")
-    check_one_input(file_path, url)
-    if url:
-        self.update_progress(0.02, "downloading the media", stage="downloading")
-        file_path = str(download_input(url, self.request.id))
-    path = input_file(file_path)
+    path = media_input(self, file_path, url)
     return process_audio(
         path,
         model=settings.whisper_model,

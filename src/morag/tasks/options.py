@@ -166,3 +166,13 @@ def download_input(url: str, task_id: str) -> Path:
             details={"url": url, "content_type": fetched.content_type},
         )
     return path
+
+
+def media_input(task: Any, file_path: str, url: str) -> Path:
+    """An audio or video job's input file: the upload, or the URL downloaded first."""
+    task.update_progress(0.01, "checking the input", stage="validating")
+    check_one_input(file_path, url)
+    if url:
+        task.update_progress(0.02, "downloading the media", stage="downloading")
+        file_path = str(download_input(url, task.request.id))
+    return input_file(file_path)
