@@ -49,13 +49,16 @@ def _services(base: str) -> dict:
     """What /health/ready says of Redis and the workers (the worker here consumes only
     ``celery``, so the overall status stays 503 for the other queues)."""
     try:
-        return httpx.get(f"{base}/health/ready", timeout=3).json()["services"]
-    except httpx.HTTPError:
-        return {}
+        response = httpx.get(f"{base}/health/ready", timeout=3)
+        return response.json().get("services") or {"answer": response.text[:300]}
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": repr(exc)}
 
 
-def _healthy(base: str) -> bool:
+def _healthy(base: str, seen: list[dict] | None = None) -> bool:
     services = _services(base)
+    if seen is not None:
+        seen.append(services)
     return services.get("redis") == "healthy" and services.get("celery") == "healthy"
 
 
@@ -96,7 +99,14 @@ def test_redis_restart_loses_no_job(own_redis, report, kind: str, sig: int, outa
 
     records = wait_all_final(sub.store, ids, timeout=90)
     drained_s = time.monotonic() - stopped_at
-    wait_for(lambda: _healthy(api), 30, "the API to see Redis and the worker again")
+    seen: list[dict] = []
+    try:
+        wait_for(lambda: _healthy(api, seen), 30, "the API to see Redis and the worker again")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; last /health/ready services: {seen[-1:]}\n--- worker log ---\n"
+            + worker.log()[-4000:]
+        ) from None
     follower = sub.probe()
     after = wait_all_final(sub.store, [follower], timeout=30)[follower]
     # ...and through the API: an upload after the restart is accepted and processed.
