@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -142,7 +143,18 @@ def test_claims_of_a_dead_process_and_due_retries_come_back() -> None:
 # --- in-process sender: the guard refuses before connecting ------------------------------
 
 
-def test_refused_targets_are_recorded_and_never_contacted(receiver, signing) -> None:
+def test_refused_targets_are_recorded_and_never_contacted(
+    receiver, signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Should the guard fail, the connection to 10.0.0.1 is stopped here, not on the network.
+    real_connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: Any) -> None:
+        if not isinstance(address, str) and address[0] not in ("127.0.0.1", "::1"):
+            raise AssertionError(f"a test tried to connect to {address}")
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
     server = receiver()
     store = get_job_store()
     private, loopback = "http://10.0.0.1/hook", server.url()
