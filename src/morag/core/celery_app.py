@@ -12,6 +12,7 @@ import structlog
 from celery import Celery, Task
 from kombu import Queue
 
+from morag.core.broker import transport_for
 from morag.core.config import ALL_QUEUES, DEFAULT_QUEUE, MODALITY_QUEUES, Settings, settings
 
 logger = structlog.get_logger(__name__)
@@ -24,8 +25,10 @@ def celery_config(cfg: Settings) -> dict[str, Any]:
     transport_options: dict[str, Any] = {"visibility_timeout": cfg.visibility_timeout}
     if cfg.broker_namespace:
         transport_options["global_keyprefix"] = cfg.broker_namespace
+    broker_url, broker_transport = transport_for(cfg.celery_broker_url)
     return {
-        "broker_url": cfg.celery_broker_url,
+        "broker_url": broker_url,
+        "broker_transport": broker_transport or None,
         "result_backend": cfg.celery_result_backend,
         "broker_transport_options": transport_options,
         "result_backend_transport_options": dict(transport_options),
@@ -71,7 +74,8 @@ celery_app = create_celery_app(settings)
 
 
 class BaseTask(Task):  # type: ignore[misc]
-    """Base task: one structured log line per failure, success and retry."""
+    """Base task: one structured log line per failure and retry (a success is logged once,
+    as "job finished", by ProcessingTask)."""
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -82,14 +86,6 @@ class BaseTask(Task):  # type: ignore[misc]
             task_name=self.name,
             error_type=type(exc).__name__,
             error=str(exc),
-        )
-
-    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        logger.info(
-            "task succeeded",
-            task_id=task_id,
-            task_name=self.name,
-            result_type=type(retval).__name__,
         )
 
     def on_retry(

@@ -1,0 +1,74 @@
+"""morag's kombu transport (core/broker.py) against a real Redis: messages go and come
+back as with kombu's own, through one client per channel instead of one per message."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from morag.core.broker import Transport, UnixSocketTransport, transport_for
+from morag.core.celery_app import celery_config
+from morag.core.config import Settings, redis_url_to_celery
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def test_transport_for_each_url_form() -> None:
+    assert transport_for("redis://h:6380/2") == ("redis://h:6380/2", "morag.core.broker:Transport")
+    assert transport_for("redis+socket:///run/r.sock") == (
+        "socket:///run/r.sock",
+        "morag.core.broker:UnixSocketTransport",
+    )
+    # TLS and other brokers keep kombu's own transport and their URL
+    assert transport_for("rediss://h:6380/0") == ("rediss://h:6380/0", "")
+    assert transport_for("amqp://guest@h//") == ("amqp://guest@h//", "")
+
+
+def test_celery_uses_the_transport_for_tcp_and_socket_urls() -> None:
+    tcp = celery_config(Settings(redis_url="redis://example:6380/2"))
+    assert tcp["broker_url"] == "redis://example:6380/2"
+    assert tcp["broker_transport"] == "morag.core.broker:Transport"
+    unix = celery_config(Settings(redis_url="unix:///run/r.sock"))
+    assert unix["broker_url"] == "socket:///run/r.sock"
+    assert unix["broker_transport"] == "morag.core.broker:UnixSocketTransport"
+    tls = celery_config(Settings(redis_url="rediss://example:6380/0"))
+    assert tls["broker_transport"] is None
+
+
+def test_messages_round_trip_through_one_shared_client(namespace: str) -> None:
+    broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
+    queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
+    options = {"global_keyprefix": f"{namespace}:"}
+    with Connection(broker_url, transport=transport, transport_options=options) as conn:
+        assert isinstance(conn.transport, Transport)
+        assert isinstance(conn.transport, UnixSocketTransport) == broker_url.startswith("socket")
+        channel = conn.channel()
+        producer = conn.Producer(channel)
+        for n in range(3):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+        clients = set()
+        for _ in range(3):
+            with channel.conn_or_acquire() as client:
+                clients.add(id(client))
+        assert len(clients) == 1, "one client for every publish and ack of the channel"
+
+        received = []
+        for _ in range(3):
+            message = queue(channel).get(no_ack=False)
+            assert message is not None
+            received.append(message.payload["n"])
+            message.ack()
+        assert received == [0, 1, 2]
+        assert queue(channel).get() is None
+
+        # A new pool (after a fork, or the channel's pools were dropped) gets a new client.
+        with channel.conn_or_acquire() as before:
+            pass
+        channel._disconnect_pools()
+        with channel.conn_or_acquire() as after:
+            assert after is not before and after.connection_pool is channel.pool
+            assert after.ping()
+        queue(channel).delete()
