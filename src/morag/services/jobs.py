@@ -159,8 +159,9 @@ local function emit(history_key, channel, ts, state, progress, stage, message, a
                  message=message, attempt=tonumber(attempt)}
   if extra then for k, v in pairs(extra) do event[k] = v end end
   local payload = cjson.encode(event)
-  redis.call('RPUSH', history_key, payload)
-  redis.call('LTRIM', history_key, -HISTORY_MAX, -1)
+  if redis.call('RPUSH', history_key, payload) > HISTORY_MAX then
+    redis.call('LTRIM', history_key, -HISTORY_MAX, -1)
+  end
   redis.call('PUBLISH', channel, payload)
 end
 local function is_final(state)
@@ -204,11 +205,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'id', ARGV[5], 'kind', ARGV[6], 'queue', ARGV[7],
              'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[1])
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-local progress = redis.call('HGET', KEYS[1], 'progress') or '0'
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts', 'cancel_requested_at',
+                    'started_at')
+local state, progress, attempts = h[1], h[2] or '0', tonumber(h[3] or '0')
 if is_final(state) then return {'final', state} end
-if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
+if h[4] then
   redis.call('HSET', KEYS[1], 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[1],
              'updated_at', ARGV[1], 'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
@@ -231,10 +232,8 @@ end
 attempts = attempts + 1
 local message = 'started (attempt ' .. attempts .. ')'
 redis.call('HSET', KEYS[1], 'state', 'started', 'stage', 'started', 'message', message,
-           'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1])
-if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
-end
+           'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1],
+           'started_at', h[5] or ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 emit(KEYS[2], KEYS[4], ARGV[1], 'started', progress, 'started', message, attempts,
      {worker=ARGV[2]})
@@ -247,16 +246,15 @@ return {'ok', tostring(attempts)}
 _PROGRESS = (
     _EMIT
     + """
-local state = redis.call('HGET', KEYS[1], 'state')
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts')
+local state = h[1]
 if state ~= 'started' and state ~= 'progress' then return 'stop:' .. tostring(state) end
-if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then return 'cancel' end
-local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'),
-                          tonumber(ARGV[2]))
+if h[2] then return 'cancel' end
+local progress = math.max(tonumber(h[3] or '0'), tonumber(ARGV[2]))
 redis.call('HSET', KEYS[1], 'state', 'progress', 'progress', progress, 'stage', ARGV[3],
            'message', ARGV[4], 'updated_at', ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
-emit(KEYS[2], KEYS[4], ARGV[1], 'progress', progress, ARGV[3], ARGV[4],
-     redis.call('HGET', KEYS[1], 'attempts'), nil)
+emit(KEYS[2], KEYS[4], ARGV[1], 'progress', progress, ARGV[3], ARGV[4], h[4], nil)
 return 'ok'
 """
 )
@@ -267,29 +265,36 @@ return 'ok'
 _FINISH = (
     _EMIT
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
-local current = redis.call('HGET', KEYS[1], 'state')
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts')
+local current = h[1]
+if not current then return {'missing', ''} end
 if is_final(current) then return {'final', current} end
 local state, message = ARGV[2], ARGV[3]
-if state == 'success' and redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then
+if state == 'success' and h[2] then
   -- cancelled while finishing: the user asked for no result, so none is kept
   state, message = 'revoked', 'cancelled while running'
 end
-local progress = redis.call('HGET', KEYS[1], 'progress') or '0'
+local progress = h[3] or '0'
+local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
+                'updated_at', ARGV[1]}
+local function add(name, value)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
 if state == 'success' then
   progress = '1'
-  redis.call('HSET', KEYS[1], 'result_summary', ARGV[6])
+  add('result_summary', ARGV[6])
   redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[8])
 elseif state == 'failure' then
-  redis.call('HSET', KEYS[1], 'error_type', ARGV[4], 'error_message', ARGV[5])
+  add('error_type', ARGV[4])
+  add('error_message', ARGV[5])
 end
-redis.call('HSET', KEYS[1], 'state', state, 'stage', state, 'message', message,
-           'progress', progress, 'finished_at', ARGV[1], 'updated_at', ARGV[1])
+add('progress', progress)
+redis.call('HSET', KEYS[1], unpack(fields))
 if redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
-emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message,
-     redis.call('HGET', KEYS[1], 'attempts'), nil)
+emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message, h[4], nil)
 webhook_due(KEYS[1], KEYS[6], state, ARGV[1])
 return {'ok', state}
 """
