@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -66,6 +68,38 @@ def test_celery_inspect_sees_the_workers_and_their_queues(workers) -> None:
     output = celery_command("inspect", "active_queues", "--timeout=5")
     assert f"{name}-" in output or name in output, output
     assert "document_processing" in output and "audio_processing" not in output
+
+
+def test_task_events_reach_a_monitor(workers) -> None:
+    """Workers publish task events in batches (tasks/lifecycle.py), yet every one arrives
+    once, as `celery events` and Flower see them."""
+    from morag.core.celery_app import celery_app
+    from morag.tasks.system_tasks import probe
+
+    seen: dict[str, list[str]] = defaultdict(list)
+    heartbeats = threading.Event()
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "worker-heartbeat":
+            heartbeats.set()
+        elif event.get("uuid"):
+            seen[event["uuid"]].append(event["type"])
+
+    with celery_app.connection_for_read() as connection:
+        receiver = celery_app.events.Receiver(connection, handlers={"*": on_event})
+        capture = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+        capture.start()
+        try:
+            workers.start(queues="celery", concurrency=2)
+            # a heartbeat seen means the receiver is subscribed: no task event can be missed
+            wait_for(heartbeats.is_set, 30, "the worker's first heartbeat")
+            ids = [probe.delay(steps=1).id for _ in range(10)]
+            # sent by this process, the others by the worker
+            expected = ["task-received", "task-sent", "task-started", "task-succeeded"]
+            wait_for(lambda: all(sorted(seen[i]) == expected for i in ids), 30, "every task event")
+        finally:
+            receiver.should_stop = True
+            capture.join(10)
 
 
 def test_flower_sees_the_workers(workers, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ def probe(
     if fault == "error":
         raise ValueError("injected error")
     for step in range(steps):
-        time.sleep(step_seconds)
+        if step_seconds:
+            time.sleep(step_seconds)
         self.update_progress((step + 1) / steps, f"step {step + 1} of {steps}", stage="probing")
     return {"steps": steps, "step_seconds": step_seconds, "pid": os.getpid()}
