@@ -7,6 +7,7 @@ import os
 import uuid
 
 import pytest
+import redis
 from kombu import Connection, Exchange, Queue
 
 from morag.core.broker import Transport, UnixSocketTransport, transport_for
@@ -72,3 +73,33 @@ def test_messages_round_trip_through_one_shared_client(namespace: str) -> None:
             assert after is not before and after.connection_pool is channel.pool
             assert after.ping()
         queue(channel).delete()
+
+
+def test_closing_a_collected_connection_keeps_its_unacked_messages(namespace: str) -> None:
+    """Celery 5.7 collects the connection when Redis goes away, then closes it; kombu's own
+    transport then raised AttributeError (fatal to the worker) while restoring the unacked
+    messages. Here the close succeeds and the messages stay unacked, to be delivered again."""
+    from kombu.common import ignore_errors
+
+    broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
+    queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
+    prefix = f"{namespace}:"
+    options = {"global_keyprefix": prefix}
+    with Connection(broker_url, transport=transport, transport_options=options) as producer:
+        producer.Producer().publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="k", declare=[queue]
+        )
+    conn = Connection(broker_url, transport=transport, transport_options=options)
+    channel = conn.default_channel
+    consumer = conn.Consumer([queue], callbacks=[lambda body, message: None], accept=["json"])
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    assert len(channel.qos._delivered) == 1  # delivered, not acked
+    # What Consumer.on_connection_error_after_connected leaves behind: the channel's pools
+    # dropped on disconnect, and the transport's connection info cleared by collect().
+    channel._disconnect_pools()
+    conn.transport.client = None
+    ignore_errors(conn, conn.close)  # kombu's transport: AttributeError 'hostname'
+
+    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
+    assert direct.hlen(f"{prefix}unacked") == 1, "the message waits in the unacked hash"

@@ -6,6 +6,14 @@ more than sending the command it is built for: with task events on, 16% of a wor
 main process went to it (bench/ row 1). A redis-py client is thread-safe (each command
 takes a connection from the pool), so one client per channel and pool does the same work.
 
+It also keeps a worker alive when Redis goes away (Celery 5.7 / kombu 5.7): Celery's
+``Consumer.on_connection_error_after_connected`` collects the connection, which clears the
+transport's connection info, then closes it; closing the channel restores its unacked
+messages, which needs a new pool built from that cleared info, and the ``AttributeError``
+that followed was fatal to the worker. Here it is a connection error, which the close
+ignores: the messages stay in the unacked hash, and recovery or the visibility timeout
+delivers them again.
+
 Celery is pointed at these classes with its ``broker_transport`` setting
 (``celery_app.celery_config``); nothing else changes.
 """
@@ -16,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 
@@ -32,6 +41,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if shared is None or shared.connection_pool is not self.pool:
             shared = self._shared_client = self._create_client()
         yield shared
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection.client is None:  # collected: see the module docstring
+            raise redis.ConnectionError("the broker connection was closed")
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-any-return]
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
