@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,9 +68,18 @@ def up(
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 0,
 ) -> None:
     """Start everything on this machine: Redis (embedded unless MORAG_REDIS_URL is set),
-    a worker for all five queues, and the API. Ctrl-C stops them in reverse order."""
+    a worker for all five queues, and the API. A child that exits is restarted (a crash
+    loop stops everything, exit code 1). Ctrl-C stops them in reverse order."""
     from morag.core.config import Settings
-    from morag.core.embedded_redis import EmbeddedRedis, _die_with_parent
+    from morag.core.embedded_redis import EmbeddedRedis
+    from morag.core.errors import ConfigurationError
+    from morag.core.supervisor import (
+        Child,
+        ChildProcess,
+        EmbeddedRedisProcess,
+        RestartPolicy,
+        Supervisor,
+    )
 
     # Flags become MORAG_* variables, so this process and its children agree on them.
     for name, value in (
@@ -85,58 +92,38 @@ def up(
             os.environ[f"MORAG_{name}"] = str(value)
     cfg = Settings()
     env = dict(os.environ)
-    embedded: EmbeddedRedis | None = None
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    children: list[Child] = []
+    if not cfg.redis_explicitly_set:
+        embedded = EmbeddedRedis(cfg.data_dir / "redis")
+        env["MORAG_REDIS_URL"] = embedded.url  # the socket path: the same after a restart
+        children.append(EmbeddedRedisProcess(embedded))
+        typer.echo(f"morag: embedded Redis at {embedded.url} (data in {embedded.data_dir})")
+    else:
+        typer.echo(f"morag: using Redis at {cfg.redis_url}")
+    children += [
+        ChildProcess(name, [sys.executable, "-m", "morag.cli", name], env)
+        for name in ("worker", "api")
+    ]
+    supervisor = Supervisor(
+        children,
+        RestartPolicy(
+            backoff=cfg.up_restart_backoff_seconds,
+            backoff_max=cfg.up_restart_backoff_max_seconds,
+            limit=cfg.up_restart_limit,
+            window=cfg.up_restart_window_seconds,
+        ),
+    )
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: supervisor.request_stop())
+    typer.echo(f"morag: API on http://{cfg.api_host}:{cfg.api_port}  (Ctrl-C stops)")
     try:
-        if not cfg.redis_explicitly_set:
-            embedded = EmbeddedRedis(cfg.data_dir / "redis")
-            env["MORAG_REDIS_URL"] = embedded.start()
-            typer.echo(f"morag: embedded Redis at {embedded.url} (data in {embedded.data_dir})")
-        else:
-            typer.echo(f"morag: using Redis at {cfg.redis_url}")
-        for name, command in (("worker", "worker"), ("api", "api")):
-            # Own session: Ctrl-C reaches only this process, which stops children in order.
-            child = subprocess.Popen(
-                [sys.executable, "-m", "morag.cli", command],
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-            children.append((name, child))
-        typer.echo(f"morag: API on http://{cfg.api_host}:{cfg.api_port}  (Ctrl-C stops)")
-        while not stopping and all(c.poll() is None for _, c in children):
-            time.sleep(0.2)
-        for name, child in children:
-            if child.poll() is not None and not stopping:
-                typer.echo(f"morag: {name} exited with {child.returncode}; stopping", err=True)
-    finally:
-        for name, child in reversed(children):  # the API first, then the worker
-            _stop_child(name, child)
-        if embedded is not None:
-            embedded.stop()
-        typer.echo("morag: stopped")
-
-
-def _stop_child(name: str, child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM (warm shutdown), then SIGKILL; an unfinished job stays unacked and is
-    delivered again by the next worker's recovery."""
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        typer.echo(f"morag: {name} did not stop in {timeout:.0f} s; killing it", err=True)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+        code = supervisor.run()
+    except (ConfigurationError, OSError) as exc:  # Redis could not start
+        typer.echo(f"morag: {exc}", err=True)
+        code = 1
+    typer.echo("morag: stopped")
+    if code:
+        raise typer.Exit(code)
 
 
 # --- client commands ------------------------------------------------------------------------

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     api_port: int = 8000
     inspect_timeout: float = 0.5  # remote-control replies wait at most this long
     inspect_cache_seconds: float = 2.0
+    # ``morag up`` restarts a child that exits, after a backoff doubling from the first
+    # value up to the second; more than the limit of restarts within the window is a crash
+    # loop, and ``up`` stops everything (core/supervisor.py)
+    up_restart_backoff_seconds: Annotated[float, Field(ge=0)] = 1.0
+    up_restart_backoff_max_seconds: Annotated[float, Field(ge=0)] = 30.0
+    up_restart_limit: Annotated[int, Field(ge=0)] = 5
+    up_restart_window_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     # --- Processing limits --------------------------------------------------------------
     max_upload_bytes: int = 200 * 1024 * 1024
