@@ -84,7 +84,7 @@ def test_a_child_that_keeps_exiting_is_restarted_with_backoff_then_given_up_on()
     assert "restart 3 of at most 3 within 60 s" in restarts[-1]
     last = messages[-1]
     assert last.startswith("failing (pid ") and "4 exits within 60 s" in last, messages
-    assert "keeps failing" in last and "Look at the failing's lines above" in last
+    assert "keeps failing" in last and "Look at the failing's messages above" in last
     assert steady.poll() is not None  # the others were stopped
 
 

@@ -104,7 +104,7 @@ class ChildProcess:
         self.argv = argv
         self.env = env
         self.stop_timeout = stop_timeout
-        self.log_hint = f"the {name}'s lines above (its output goes to this terminal)"
+        self.log_hint = f"the {name}'s messages above (morag up passes on its output)"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
