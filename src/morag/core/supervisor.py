@@ -7,10 +7,10 @@ naming the child, rather than restarting something that cannot run. A child that
 up for longer than the window has no restart left in it, so its count and its backoff
 start again (the rule of systemd's StartLimitBurst/StartLimitIntervalSec).
 
-Why restart rather than stop everything: a worker can die without being at fault (the
-Celery 5.7 / kombu 5.7 crash when Redis goes away, an OOM kill), and nothing is lost when it
-does (its jobs come back through services/recovery.py once a worker runs again); stopping
-the API with it would turn one dead process into an outage.
+Why restart rather than stop everything: a worker can die without being at fault (an OOM
+kill; a library crash such as Celery 5.7's when Redis went away, docs/reliability.md), and
+nothing is lost when it does (its jobs come back through services/recovery.py once a worker
+runs again); stopping the API with it would turn one dead process into an outage.
 
 The embedded Redis is restarted under the same rules, on the same data directory (AOF) and
 the same unix socket, so the URL the worker and the API hold stays valid and they reconnect
