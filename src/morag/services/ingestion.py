@@ -140,6 +140,7 @@ class IngestionService:
         self.settings = cfg
         self.policy = UrlPolicy.from_settings(cfg)
         self._aio: aioredis.Redis | None = None
+        self._aio_reads: aioredis.Redis | None = None
         self._claim_content_script: Any = None
 
     # -- plumbing -------------------------------------------------------------------------
@@ -172,10 +173,29 @@ class IngestionService:
             )
         return self._aio
 
+    @property
+    def aio_reads(self) -> aioredis.Redis:
+        """An asyncio client for reads that answer a request (created in the serving loop).
+
+        Apart from ``aio``, so event streams, which hold a connection each (up to
+        ``MAX_FOLLOWERS``), never use up the connections reads need. Timeouts as the sync
+        client's.
+        """
+        if self._aio_reads is None:
+            import redis.asyncio as aioredis
+
+            self._aio_reads = aioredis.Redis.from_url(
+                self.settings.redis_url, socket_connect_timeout=2, socket_timeout=10
+            )
+        return self._aio_reads
+
     async def aclose(self) -> None:
         if self._aio is not None:
             await self._aio.aclose()
             self._aio = None
+        if self._aio_reads is not None:
+            await self._aio_reads.aclose()
+            self._aio_reads = None
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.settings.key_prefix, *parts))
@@ -674,6 +694,15 @@ class IngestionService:
     # -- reading --------------------------------------------------------------------------
     def status(self, task_id: str) -> TaskInfo:
         return self.task_manager.get_task_status(task_id)
+
+    async def astatus(self, task_id: str) -> TaskInfo:
+        """``status`` in the event loop: one read of the job record, no thread hop."""
+        info = await self.store.aget(self.aio_reads, task_id)
+        if info is not None:
+            return info
+        # No record (unknown id, or a task another client sent): the TaskManager asks
+        # Celery's result backend through its blocking client, so off the event loop.
+        return await asyncio.to_thread(self.status, task_id)
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
         if not self.redis.exists(self.store.job_key(task_id)):

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from morag.core.config import Settings
 
 HISTORY_MAX = 1000  # events kept per job; older ones are trimmed
@@ -626,6 +628,11 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskInfo | None:
         raw: dict[bytes, bytes] = self.redis.hgetall(self.job_key(task_id))  # type: ignore[assignment]
+        return TaskInfo.from_hash(raw) if raw else None
+
+    async def aget(self, client: aioredis.Redis, task_id: str) -> TaskInfo | None:
+        """``get`` through an asyncio client: one round trip, no thread for the API."""
+        raw: dict[bytes, bytes] = await client.hgetall(self.job_key(task_id))  # type: ignore[assignment]
         return TaskInfo.from_hash(raw) if raw else None
 
     def get_many(self, task_ids: Iterable[str]) -> list[TaskInfo | None]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
@@ -103,10 +103,13 @@ def queue_stats(service: ServiceDep) -> dict[str, Any]:
     summary="A job's status",
     responses=error_responses(401, 404, 422, 500),
 )
-def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> JobStatus:
+async def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> Response:
     """State, progress, stage, message, timestamps, attempts, error and result summary."""
     request.state.task_id = task_id
-    return job_status(service.status(task_id))
+    info = await service.astatus(task_id)
+    # Serialised here, once: returned as a model, FastAPI would validate it again
+    # through response_model (which stays for the OpenAPI document).
+    return Response(job_status(info).model_dump_json(), media_type="application/json")
 
 
 @router.get(
