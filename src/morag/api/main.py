@@ -6,11 +6,15 @@ Middleware, outermost first: one structured log line per request; CORS (when
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a checkout: make ``morag`` importable without installing.
@@ -28,8 +32,6 @@ from morag.api.routes import batches, health, ingest, status  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
 from morag.services.ingestion import IngestionService  # noqa: E402
-
-logger = structlog.get_logger("morag.api")
 
 _KIB = 1024
 _MIB = 1024 * _KIB
@@ -94,14 +96,74 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-class RequestLogMiddleware:
-    """One structured line per request: method, path, status, duration, task id if any."""
+def request_line_console(
+    method: str, path: str, status: int, duration_ms: float, task_id: str | None
+) -> str:
+    """The request line as structlog's console renderer lays it out (see configure_logging)."""
+    return (
+        f"{_utc_timestamp()} [info     ] request                        "
+        f"duration_ms={duration_ms!r} method={_console_value(method)} "
+        f"path={_console_value(path)} status={status!r} task_id={_console_value(task_id)}"
+    )
 
-    def __init__(self, app: ASGIApp) -> None:
+
+_QUOTED_IF_ANY = frozenset(" \t=\r\n\"'")
+
+
+def _console_value(value: str | None) -> str:
+    """As the console renderer shows a value: strings bare unless a space, quote, ``=`` or
+    line break would make the line ambiguous (a path with ``%0A`` cannot forge a line)."""
+    if isinstance(value, str) and not _QUOTED_IF_ANY.intersection(value):
+        return value
+    return repr(value)
+
+
+def request_line_json(
+    method: str, path: str, status: int, duration_ms: float, task_id: str | None
+) -> str:
+    """The request line as structlog's JSON renderer writes it (see configure_logging)."""
+    return json.dumps(
+        {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "task_id": task_id,
+            "event": "request",
+            "level": "info",
+            "timestamp": _utc_timestamp(),
+        }
+    )
+
+
+def _utc_timestamp() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")  # as structlog's TimeStamper
+
+
+class RequestLogMiddleware:
+    """One line per request: method, path, status, duration, task id if any.
+
+    The line is rendered here, in the format ``configure_logging`` sets (key=value or
+    JSON; tests/unit/test_request_log.py keeps the two identical), and written to the log
+    stream structlog is configured with. Going through structlog's processors cost ~50 µs
+    a request in the server, a tenth of a status read; this costs a few.
+    """
+
+    def __init__(self, app: ASGIApp, cfg: Settings) -> None:
         self.app = app
+        self.enabled = logging.getLevelName(cfg.log_level.upper()) <= logging.INFO
+        self.render: Callable[..., str] = (
+            request_line_json if cfg.log_json else request_line_console
+        )
+        self._sink: Any = None  # structlog's logger (a PrintLogger), once logging is set up
+
+    def write(self, line: str) -> None:
+        if self._sink is None:
+            self._sink = structlog.get_config()["logger_factory"]()
+        self._sink.msg(line)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.enabled:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -118,13 +180,14 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_and_watch)
         finally:
             task_id = state.get("task_id") or scope.get("path_params", {}).get("task_id")
-            logger.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status_code,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                task_id=task_id,
+            self.write(
+                self.render(
+                    scope["method"],
+                    scope["path"],
+                    status_code,
+                    round((time.perf_counter() - started) * 1000, 1),
+                    task_id,
+                )
             )
 
 
@@ -168,7 +231,7 @@ def create_app(cfg: Settings = settings) -> FastAPI:
             ],
             expose_headers=["Location", "Idempotent-Replayed"],
         )
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(RequestLogMiddleware, cfg=cfg)
     return app
 
 

@@ -1,0 +1,48 @@
+"""The API renders its per-request log line itself, for speed (api/main.py): the line must
+read exactly as structlog, set up by ``configure_logging``, would have written it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from morag.api.main import request_line_console, request_line_json
+from morag.core.logging import configure_logging
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+REQUESTS = [
+    ("GET", "/api/v1/status/3f0c6a1e-0000-4000-8000-000000000001", 200, 1.2, "3f0c6a1e"),
+    ("POST", "/api/v1/ingest/url", 202, 12.0, None),
+    ("GET", "/api/v1/status/a b/ü", 404, 0.3, "a b/ü"),
+    ("DELETE", "/x\nforged=line\t'\"", 422, 1000.5, "x\ry"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["console", "json"])
+@pytest.mark.parametrize("request_fields", REQUESTS)
+def test_request_line_reads_as_structlog_writes_it(
+    capsys: pytest.CaptureFixture[str], as_json: bool, request_fields: tuple
+) -> None:
+    configure_logging("INFO", json=as_json)
+    method, path, status, duration_ms, task_id = request_fields
+    structlog.get_logger("morag.api").info(
+        "request",
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=duration_ms,
+        task_id=task_id,
+    )
+    written = capsys.readouterr().err.rstrip("\n")
+    render = request_line_json if as_json else request_line_console
+    assert _TIMESTAMP.sub("<ts>", render(*request_fields)) == _TIMESTAMP.sub("<ts>", written)
