@@ -234,7 +234,7 @@ async def ingest_file(
     summary="Ingest a web page, or audio or video from a URL",
     responses={202: {"headers": _LOCATION}, **error_responses(401, 413, 422, 500)},
 )
-def ingest_url(
+async def ingest_url(
     body: UrlIngestRequest,
     request: Request,
     response: Response,
@@ -245,6 +245,7 @@ def ingest_url(
     """Check the URL (http/https, SSRF guard: 422 when forbidden) and queue it. With
     ``source_type`` audio or video the worker downloads the media (through the same guard)
     and processes it like an upload."""
+    # prepare_url does no I/O (the guard checks without DNS), so it runs in the loop.
     spec = service.prepare_url(
         body.url,
         source_type=body.source_type,
@@ -252,7 +253,7 @@ def ingest_url(
         webhook_url=body.webhook_url,
         options=body.options.model_dump() if body.options else None,
     )
-    submission = service.submit(spec, principal=principal, idempotency_key=idempotency_key)
+    submission = await service.asubmit(spec, principal=principal, idempotency_key=idempotency_key)
     _accepted(response, request, submission)
     return SubmissionResponse(
         task_id=submission.task_id, status=submission.status, message=submission.message
