@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from morag.api.deps import ServiceDep, authenticate
+from morag.api.deps import ServiceDep, authenticate, service_of
 from morag.api.errors import error_responses
 from morag.api.schemas import (
     JobHistory,
@@ -103,10 +103,10 @@ def queue_stats(service: ServiceDep) -> dict[str, Any]:
     summary="A job's status",
     responses=error_responses(401, 404, 422, 500),
 )
-async def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> Response:
+async def get_status(task_id: TaskId, request: Request) -> Response:
     """State, progress, stage, message, timestamps, attempts, error and result summary."""
     request.state.task_id = task_id
-    info = await service.astatus(task_id)
+    info = await service_of(request).astatus(task_id)
     # Serialised here, once: returned as a model, FastAPI would validate it again
     # through response_model (which stays for the OpenAPI document).
     return Response(job_status(info).model_dump_json(), media_type="application/json")
