@@ -653,12 +653,18 @@ def test_api_keys(api_factory) -> None:
         )
         accepted = upload(http, b"# secret\n", headers={"X-API-Key": "key-two"})
         assert accepted.status_code == 202
-        assert (
-            http.get(
-                f"{STATUS}/{accepted.json()['task_id']}", headers={"X-API-Key": "key-two"}
-            ).json()["status"]
-            == "pending"
-        )
+        job = f"{STATUS}/{accepted.json()['task_id']}"
+        assert http.get(job, headers={"X-API-Key": "key-two"}).json()["status"] == "pending"
+        # A job's status (answered by the route's fast path when the key is good) too.
+        assert http.get(job, headers={"authorization": "bearer key-one"}).status_code == 200
+        for refused in (
+            {},
+            {"X-API-Key": "key-three"},
+            {"Authorization": "Basic a2V5LW9uZQ=="},
+            {"Authorization": "Bearer", "X-API-Key": ""},
+        ):
+            error = error_of(http.get(job, headers=refused), 401)
+            assert error["code"] == "unauthorized"
 
 
 def test_without_api_keys_no_key_is_needed(client: httpx.Client) -> None:

@@ -14,6 +14,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
 
 from morag.core.config import Settings
 from morag.core.errors import AuthenticationError
@@ -70,9 +72,14 @@ async def authenticate(
     # Settings straight from the app, not through SettingsDep: every request runs this, and
     # FastAPI solves each sub-dependency per request (~15 µs each here).
     settings: Settings = request.app.state.settings
+    return principal_for(settings, (bearer.credentials if bearer else None) or api_key)
+
+
+def principal_for(settings: Settings, presented: str | None) -> str:
+    """The principal of the key a caller presented; 401 when keys are configured and it
+    matches none of them."""
     if not settings.api_keys:
         return "anonymous"
-    presented = (bearer.credentials if bearer else None) or api_key
     if not presented:
         raise AuthenticationError(
             "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
@@ -80,6 +87,15 @@ async def authenticate(
     if not key_matches(presented, settings.api_keys):
         raise AuthenticationError("the API key is not valid")
     return "key-" + hashlib.sha256(presented.encode()).hexdigest()[:16]
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key as ``authenticate`` receives it from ``bearer_scheme`` and ``api_key_scheme``
+    (the same parsing), for code that runs outside FastAPI's dependencies."""
+    authorization = headers.get("Authorization")
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    bearer = credentials if authorization and credentials and scheme.lower() == "bearer" else None
+    return bearer or headers.get("X-API-Key") or None
 
 
 Principal = Annotated[str, Depends(authenticate)]

@@ -1,7 +1,8 @@
 """The FastAPI app. ``python src/morag/api/main.py`` serves it on port 8000.
 
 Middleware, outermost first: one structured log line per request; CORS (when
-``cors_origins`` is set); the request-body size limit (413 in the one error shape).
+``cors_origins`` is set); the request-body size limit (413 in the one error shape); the
+fast path of plain status reads (routes/status.py).
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def create_app(cfg: Settings = settings) -> FastAPI:
     app.include_router(status.router)
     app.include_router(batches.router)
     # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(status.StatusReadFastPath)
     app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
     if cfg.cors_origins:
         app.add_middleware(
