@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from morag.api.main import request_line_console, request_line_json
+from morag.api.main import request_line_json, request_line_logfmt
 from morag.core.logging import configure_logging
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -19,6 +19,7 @@ REQUESTS = [
     ("POST", "/api/v1/ingest/url", 202, 12.0, None),
     ("GET", "/api/v1/status/a b/ü", 404, 0.3, "a b/ü"),
     ("DELETE", "/x\nforged=line\t'\"", 422, 1000.5, "x\ry"),
+    ("GET", "/a\\b c", 200, 0.0, "a\\b"),
 ]
 
 
@@ -28,7 +29,7 @@ def _structlog_defaults() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-@pytest.mark.parametrize("as_json", [False, True], ids=["console", "json"])
+@pytest.mark.parametrize("as_json", [False, True], ids=["logfmt", "json"])
 @pytest.mark.parametrize("request_fields", REQUESTS)
 def test_request_line_reads_as_structlog_writes_it(
     capsys: pytest.CaptureFixture[str], as_json: bool, request_fields: tuple
@@ -44,5 +45,5 @@ def test_request_line_reads_as_structlog_writes_it(
         task_id=task_id,
     )
     written = capsys.readouterr().err.rstrip("\n")
-    render = request_line_json if as_json else request_line_console
+    render = request_line_json if as_json else request_line_logfmt
     assert _TIMESTAMP.sub("<ts>", render(*request_fields)) == _TIMESTAMP.sub("<ts>", written)
