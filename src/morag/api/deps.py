@@ -41,12 +41,6 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_service(request: Request) -> IngestionService:
-    return service_of(request)
-
-
-def service_of(request: Request) -> IngestionService:
-    """The app's service, for routes so hot that a dependency's own cost shows (FastAPI
-    solves each one per request, ~25 µs here): the status read."""
     return request.app.state.ingestion  # type: ignore[no-any-return]
 
 

@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from morag.api.deps import ServiceDep, authenticate, presented_key, principal_for, service_of
+from morag.api.deps import ServiceDep, authenticate, presented_key, principal_for
 from morag.api.errors import error_responses
 from morag.api.schemas import (
     JobHistory,
@@ -106,10 +106,10 @@ def queue_stats(service: ServiceDep) -> dict[str, Any]:
     summary="A job's status",
     responses=error_responses(401, 404, 422, 500),
 )
-async def get_status(task_id: TaskId, request: Request) -> Response:
+async def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> Response:
     """State, progress, stage, message, timestamps, attempts, error and result summary."""
     request.state.task_id = task_id
-    return status_response(await service_of(request).astatus(task_id))
+    return status_response(await service.astatus(task_id))
 
 
 def status_response(info: TaskInfo) -> Response:
