@@ -1,5 +1,6 @@
-"""The API renders its per-request log line itself, for speed (api/main.py): the line must
-read exactly as structlog, set up by ``configure_logging``, would have written it."""
+"""The API renders its per-request log line with structlog's renderer alone, for speed
+(api/main.py): the line must read exactly as structlog, set up by ``configure_logging``,
+would have written it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from morag.api.main import request_line_json, request_line_logfmt
+from morag.api.main import render_request_line
 from morag.core.logging import configure_logging
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -45,5 +46,5 @@ def test_request_line_reads_as_structlog_writes_it(
         task_id=task_id,
     )
     written = capsys.readouterr().err.rstrip("\n")
-    render = request_line_json if as_json else request_line_logfmt
-    assert _TIMESTAMP.sub("<ts>", render(*request_fields)) == _TIMESTAMP.sub("<ts>", written)
+    rendered = render_request_line(*request_fields)
+    assert _TIMESTAMP.sub("<ts>", rendered) == _TIMESTAMP.sub("<ts>", written)

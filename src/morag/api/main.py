@@ -7,11 +7,10 @@ fast path of plain status reads (routes/status.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,64 +96,36 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def request_line_logfmt(
+def render_request_line(
     method: str, path: str, status: int, duration_ms: float, task_id: str | None
 ) -> str:
-    """The request line as configure_logging's logfmt renderer writes it."""
-    return (
-        f"timestamp={_utc_timestamp()} level=info event=request method={_logfmt(method)} "
-        f"path={_logfmt(path)} status={status} duration_ms={duration_ms} "
-        f"task_id={_logfmt(task_id)}"
-    )
-
-
-def _logfmt(value: str | None) -> str:
-    """A value as structlog's LogfmtRenderer writes it: quoted when it holds a space, ``=``
-    or ``"``, quotes and line breaks escaped (a path with ``%0A`` cannot forge a line)."""
-    if value is None:
-        return ""
-    quoted = " " in value or "=" in value or '"' in value
-    if quoted and "\\" in value:
-        value = value.replace("\\", "\\\\")
-    value = value.replace('"', '\\"').replace("\n", "\\n")
-    return f'"{value}"' if quoted else value
-
-
-def request_line_json(
-    method: str, path: str, status: int, duration_ms: float, task_id: str | None
-) -> str:
-    """The request line as structlog's JSON renderer writes it (see configure_logging)."""
-    return json.dumps(
-        {
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": duration_ms,
-            "task_id": task_id,
-            "event": "request",
-            "level": "info",
-            "timestamp": _utc_timestamp(),
-        }
-    )
-
-
-def _utc_timestamp() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")  # as structlog's TimeStamper
+    """The request line as structlog writes it: through the renderer ``configure_logging``
+    set (logfmt or JSON), without the rest of the processor chain."""
+    render = structlog.get_config()["processors"][-1]
+    event = {  # in the order the processor chain would have added the keys
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": duration_ms,
+        "task_id": task_id,
+        "event": "request",
+        "level": "info",
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),  # as TimeStamper
+    }
+    return str(render(None, "info", event))
 
 
 class RequestLogMiddleware:
     """One line per request: method, path, status, duration, task id if any.
 
-    The line is rendered here, in the format ``configure_logging`` sets (logfmt or JSON;
-    tests/unit/test_request_log.py keeps the two identical), and written to the log stream
-    structlog is configured with. Going through structlog's processors cost ~50 µs a
-    request in the server, a tenth of a status read; this costs a few.
+    The line is rendered by structlog's configured renderer alone and written to its
+    output (``render_request_line``): the whole processor chain cost ~50 µs a request in
+    the server, a quarter of a status read.
     """
 
     def __init__(self, app: ASGIApp, cfg: Settings) -> None:
         self.app = app
         self.enabled = logging.getLevelName(cfg.log_level.upper()) <= logging.INFO
-        self.render: Callable[..., str] = request_line_json if cfg.log_json else request_line_logfmt
         self._sink: Any = None  # structlog's logger (a PrintLogger), once logging is set up
 
     def write(self, line: str) -> None:
@@ -181,7 +152,7 @@ class RequestLogMiddleware:
         finally:
             task_id = state.get("task_id") or scope.get("path_params", {}).get("task_id")
             self.write(
-                self.render(
+                render_request_line(
                     scope["method"],
                     scope["path"],
                     status_code,
