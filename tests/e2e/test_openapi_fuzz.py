@@ -10,53 +10,17 @@ examples and coverage phases); tests/e2e/test_api.py follows real streams.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-_CONFIG = """
-[[operations]]
-include-path = "/api/v1/status/{task_id}/events"
-phases.fuzzing.enabled = false
-phases.stateful.enabled = false
-"""
-
-CHECKS = ",".join(
-    [
-        "not_a_server_error",
-        "status_code_conformance",
-        "content_type_conformance",
-        "response_headers_conformance",
-        "response_schema_conformance",
-    ]
-)
+from tests.fuzzing import schemathesis_command
 
 
 def test_openapi_fuzz(api_factory, tmp_path: Path) -> None:
     api = api_factory.start()
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(_CONFIG)
-    command = [
-        str(Path(sys.executable).parent / "schemathesis"),
-        "--config-file",
-        str(config),
-        "run",
-        f"{api.url}/openapi.json",
-        "--max-examples",
-        "25",
-        "--seed",
-        "20240601",
-        "--checks",
-        CHECKS,
-        "--request-timeout",
-        "10",
-        "--no-color",
-        # /health/ready answers 503 by design while no worker runs (none does here).
-        "--exclude-path",
-        "/health/ready",
-        "--report-dir",
-        str(tmp_path / "report"),
-    ]
+    command = schemathesis_command(
+        api.url, tmp_path, max_examples=25, seed=20240601, request_timeout=10
+    )
     started = time.monotonic()
     run = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     elapsed = time.monotonic() - started

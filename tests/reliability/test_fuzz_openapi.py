@@ -11,30 +11,14 @@ runs: jobs the fuzzer creates stay queued and no URL it submits is fetched.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.fuzzing import schemathesis_command
 from tests.reliability.support import Tally
 
-# A live job's event stream stays open until the job ends: made-up ids only there.
-_CONFIG = """
-[[operations]]
-include-path = "/api/v1/status/{task_id}/events"
-phases.fuzzing.enabled = false
-phases.stateful.enabled = false
-"""
-CHECKS = ",".join(
-    [
-        "not_a_server_error",
-        "status_code_conformance",
-        "content_type_conformance",
-        "response_headers_conformance",
-        "response_schema_conformance",
-    ]
-)
 API_KEY = "fuzz-key-0123456789"
 
 
@@ -43,30 +27,14 @@ API_KEY = "fuzz-key-0123456789"
 @pytest.mark.parametrize("seed", [7, 20240601])
 def test_openapi_fuzz_large_budget(api_process, tmp_path: Path, report, seed: int) -> None:
     base, api = api_process(api_keys=API_KEY)
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(_CONFIG)
-    command = [
-        str(Path(sys.executable).parent / "schemathesis"),
-        "--config-file",
-        str(config),
-        "run",
-        f"{base}/openapi.json",
-        "--max-examples",
-        "300",
-        "--seed",
-        str(seed),
-        "--checks",
-        CHECKS,
-        "--header",
-        f"X-API-Key: {API_KEY}",
-        "--request-timeout",
-        "20",
-        "--no-color",
-        "--exclude-path",
-        "/health/ready",  # 503 by design while no worker runs
-        "--report-dir",
-        str(tmp_path / "report"),
-    ]
+    command = schemathesis_command(
+        base,
+        tmp_path,
+        max_examples=300,
+        seed=seed,
+        request_timeout=20,
+        headers=(f"X-API-Key: {API_KEY}",),
+    )
     started = time.monotonic()
     run = subprocess.run(command, capture_output=True, text=True, timeout=1700, check=False)
     elapsed = time.monotonic() - started
