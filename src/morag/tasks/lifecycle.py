@@ -5,7 +5,8 @@
 - A job terminated by ``revoke`` ends REVOKED; a job killed by the hard time limit ends
   FAILURE (Celery reports both in the worker's main process, where the task never ran).
 - Task events (Flower, ``celery events``) leave in batches every ``EVENT_FLUSH_SECONDS``
-  instead of one publish per event.
+  instead of one publish per event; a recycled pool process sends the task-sent events
+  of its retries before it exits (core/sent_events.py).
 - Each worker announces itself (services/workers.py) and restores jobs held by dead
   workers (services/recovery.py) from one maintenance thread, which also hands owed
   webhooks to the worker's delivery threads (services/webhooks.py), outside the pool
@@ -30,6 +31,7 @@ from morag.core.celery_app import celery_app
 from morag.core.config import MODALITY_QUEUES, settings
 from morag.core.logging import configure_structlog
 from morag.core.redis_conn import get_redis
+from morag.core.sent_events import EVENT_FLUSH_SECONDS, sent_event_batcher
 from morag.services.jobs import TaskStatus, get_job_store, reset_job_stores, utcnow
 from morag.services.workers import WorkerInfo, WorkerRegistry
 
@@ -63,6 +65,12 @@ def _prepare_child(**_: Any) -> None:
     # the collector's sight it is never scanned again, and its pages stay shared with the
     # parent. Documents: 10% less CPU per file (bench/ row 5).
     gc.freeze()
+
+
+@signals.worker_process_shutdown.connect
+def _flush_child_events(**_: Any) -> None:
+    # A pool process leaves with os._exit: atexit hooks never run.
+    sent_event_batcher(celery_app).flush()
 
 
 class TaskEventBatching(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -264,9 +272,6 @@ class _Maintenance(threading.Thread):
         except Exception as exc:
             logger.warning("could not withdraw worker", error=str(exc))
 
-
-#: Longest a task event waits in the worker's buffer before it is published.
-EVENT_FLUSH_SECONDS = 0.1
 
 #: Seconds between two looks at the webhook outbox (a job's webhook waits at most this).
 WEBHOOK_DISPATCH_INTERVAL = 0.5

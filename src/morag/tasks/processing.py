@@ -33,6 +33,7 @@ from kombu.utils import json as kombu_json
 from morag.core.celery_app import BaseTask
 from morag.core.config import MODALITY_QUEUES, settings
 from morag.core.errors import JobCancelledError, MoragError
+from morag.core.sent_events import sent_event_batcher
 from morag.processors.base import ProcessingResult
 from morag.services.jobs import JobStore, TaskStatus, get_job_store, utcnow
 
@@ -129,6 +130,7 @@ class ProcessingTask(BaseTask):
         """Publish, writing the job record first so no status read can race the worker."""
         task_id = task_id or str(uuid.uuid4())
         self.create_job_record(task_id, args or (), kwargs or {})  # no-op for a retry
+        options.setdefault("event_dispatcher", sent_event_batcher(self.app))
         return super().apply_async(args, kwargs, task_id=task_id, **options)
 
     def submit(
@@ -141,7 +143,9 @@ class ProcessingTask(BaseTask):
         """Create the record (with API fields such as batch id, webhook) and publish."""
         task_id = task_id or str(uuid.uuid4())
         self.create_job_record(task_id, (), kwargs, extra=extra)
-        super().apply_async((), kwargs, task_id=task_id)
+        super().apply_async(
+            (), kwargs, task_id=task_id, event_dispatcher=sent_event_batcher(self.app)
+        )
         return task_id
 
     def create_job_record(
