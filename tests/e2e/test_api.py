@@ -523,6 +523,8 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     assert cancel.json()["outcome"] == "revoked" and cancel.json()["status"] == "revoked"
     assert error_of(client.delete(f"{INGEST}/{queued}"), 409)["details"]["status"] == "revoked"
     assert error_of(client.delete(f"{INGEST}/never-issued"), 404)["code"] == "not_found"
+    resubmitted = upload(client, b"# To cancel\n").json()["task_id"]  # new work, queued
+    assert resubmitted != queued
 
     retried = client.post(f"{INGEST}/{queued}/retry")
     assert retried.status_code == 202, retried.text
@@ -533,6 +535,9 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     assert error["details"]["retried_by"] == new_id
     error = error_of(client.post(f"{INGEST}/{new_id}/retry"), 409)  # pending: nothing to retry
     assert error["details"]["status"] == "pending"
+    # The retry is the job doing that work now: the same content joins it.
+    assert client.get(f"{STATUS}/{new_id}").json()["status"] == "pending"
+    assert upload(client, b"# To cancel\n").json()["task_id"] == new_id
     error_of(client.post(f"{INGEST}/never-issued/retry"), 404)
 
     # A job that fails (a PDF header on a body that is no PDF), retried with its input.

@@ -180,13 +180,29 @@ local function webhook_due(job_key, outbox_key, state, ts)
 end
 """.replace("HISTORY_MAX", str(HISTORY_MAX))
 
-# KEYS: job, history, index, channel | ARGV: id, ts, score, then field/value pairs
+# KEYS: job, history, index, channel[, dedupe] | ARGV: id, ts, score, dedupe mode (join or
+#       take_over), dedupe TTL, job key prefix, then field/value pairs.
+# With a dedupe key (the content of a submission), identical work that is still active
+# (queued, running or waiting to retry, not being cancelled) is answered instead: its id,
+# and nothing is written. Otherwise the key names this job, in the same atomic write.
 _CREATE = (
     _EMIT
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if KEYS[5] then
+  local current = redis.call('GET', KEYS[5])
+  if current and ARGV[4] == 'join' then
+    local h = redis.call('HMGET', ARGV[6] .. current, 'state', 'cancel_requested_at')
+    local state = h[1]
+    if (state == 'pending' or state == 'started' or state == 'progress' or state == 'retry')
+       and not h[2] then
+      return current
+    end
+  end
+  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[5])
+end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'pending', 'progress', '0',
            'stage', 'queued', 'message', 'waiting for a worker', 'attempts', '0',
            'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
@@ -445,8 +461,17 @@ class JobStore:
         input: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         extra: dict[str, str] | None = None,
-    ) -> bool:
-        """Write a new pending record; False when one with this id exists already."""
+        dedupe_key: str | None = None,
+        take_over: bool = False,
+    ) -> str | None:
+        """Write a new pending record; the id of the job that does the work, or None when
+        a record with this id exists already.
+
+        With ``dedupe_key`` (the key of a submission's content), the id of an active job
+        holding that key is answered instead and nothing is written, unless ``take_over``
+        (a retry becomes the job doing that work). A new record takes the key for
+        ``retention_seconds``, as long as a finished job is kept.
+        """
         now = utcnow()
         fields: dict[str, str] = {
             "kind": kind,
@@ -457,16 +482,25 @@ class JobStore:
             **(extra or {}),
         }
         flat = [item for pair in fields.items() for item in pair]
-        created = self._create(
-            keys=[
-                self.job_key(task_id),
-                self.history_key(task_id),
-                self.index_key,
-                self.channel(task_id),
+        keys = [self.job_key(task_id), self.history_key(task_id), self.index_key]
+        keys.append(self.channel(task_id))
+        if dedupe_key:
+            keys.append(dedupe_key)
+        answer = self._create(
+            keys=keys,
+            args=[
+                task_id,
+                _iso(now),
+                now.timestamp(),
+                "take_over" if take_over else "join",
+                self.retention_seconds,
+                self.job_key(""),
+                *flat,
             ],
-            args=[task_id, _iso(now), now.timestamp(), *flat],
         )
-        return bool(created)
+        if answer == 0:
+            return None
+        return task_id if answer == 1 else _s(answer)
 
     def start(
         self,

@@ -139,18 +139,35 @@ class ProcessingTask(BaseTask):
         kwargs: dict[str, Any],
         extra: dict[str, str] | None = None,
         task_id: str | None = None,
+        dedupe_key: str | None = None,
+        take_over: bool = False,
     ) -> str:
-        """Create the record (with API fields such as batch id, webhook) and publish."""
+        """Create the record (with API fields such as batch id, webhook) and publish.
+
+        Returns the id of the job doing the work: this one, or, with ``dedupe_key``, the
+        active job that already holds that key (then nothing is published; see
+        ``JobStore.create``).
+        """
         task_id = task_id or str(uuid.uuid4())
-        self.create_job_record(task_id, (), kwargs, extra=extra)
+        owner = self.create_job_record(
+            task_id, (), kwargs, extra=extra, dedupe_key=dedupe_key, take_over=take_over
+        )
+        if owner is not None and owner != task_id:
+            return owner  # identical work is active: that job does it
         super().apply_async(
             (), kwargs, task_id=task_id, event_dispatcher=sent_event_batcher(self.app)
         )
         return task_id
 
     def create_job_record(
-        self, task_id: str, args: Any, kwargs: dict[str, Any], extra: dict[str, str] | None = None
-    ) -> bool:
+        self,
+        task_id: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        extra: dict[str, str] | None = None,
+        dedupe_key: str | None = None,
+        take_over: bool = False,
+    ) -> str | None:
         inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
         # What the message carries, so a job whose message the broker lost can be queued
         # again (services/recovery.py); the API writes its own, which wins.
@@ -164,6 +181,8 @@ class ProcessingTask(BaseTask):
             input=inputs or {"args": list(args)},
             metadata=kwargs.get("metadata") or {},
             extra={"submission": submission, **(extra or {})},
+            dedupe_key=dedupe_key,
+            take_over=take_over,
         )
 
     @property
