@@ -390,6 +390,34 @@ def test_url_job_runs_and_bad_urls_are_refused(
     assert "private" in error["message"] and error["details"]["field"] == "url"
 
 
+def test_url_submissions_answer_alike_on_the_fast_path_and_the_route(
+    client: httpx.Client,
+) -> None:
+    """Plain URL submissions skip FastAPI's routing (UrlSubmissionFastPath); the answers
+    are the route's: the same fields, headers, dedupe and stored record."""
+    fast = client.post(f"{INGEST}/url", json={"url": "https://example.com/alike"})
+    routed = client.post(  # an Idempotency-Key takes the route
+        f"{INGEST}/url",
+        json={"url": "https://example.com/alike-2"},
+        headers={"Idempotency-Key": "k"},
+    )
+    for response in (fast, routed):
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert set(body) == {"task_id", "status", "message"} and body["status"] == "pending"
+        assert response.headers["location"] == f"{STATUS}/{body['task_id']}"
+        assert response.headers["content-type"] == "application/json"
+    assert fast.json()["message"] == routed.json()["message"] == "queued for processing"
+    joined = client.post(f"{INGEST}/url", json={"url": "https://EXAMPLE.com/alike"})
+    assert joined.json()["task_id"] == fast.json()["task_id"]
+    assert "already queued" in joined.json()["message"]
+    record = client.get(f"{STATUS}/{fast.json()['task_id']}").json()
+    assert record["kind"] == "web" and record["metadata"] == {}
+    # A body the fast path does not take (form-encoded) reaches the route, read once.
+    form = client.post(f"{INGEST}/url", data={"url": "https://example.com/form"})
+    assert error_of(form, 422)["code"] == "invalid_input"
+
+
 # --- idempotency and dedupe ----------------------------------------------------------------
 
 
@@ -651,6 +679,11 @@ def test_api_keys(api_factory) -> None:
         error_of(http.get(f"{STATUS}/", headers={"X-API-Key": "key-three"}), 401)
         error_of(http.get(f"{STATUS}/", headers={"Authorization": "Basic a2V5LW9uZQ=="}), 401)
         error_of(upload(http, b"# secret\n"), 401)
+        error_of(http.post(f"{INGEST}/url", json={"url": "https://example.com/k"}), 401)
+        url_job = http.post(
+            f"{INGEST}/url", json={"url": "https://example.com/k"}, headers={"X-API-Key": "key-one"}
+        )
+        assert url_job.status_code == 202, url_job.text
         error_of(http.get(f"{STATUS}/stats/queues"), 401)
         error_of(http.get("/api/v1/batches/x"), 401)
         assert (

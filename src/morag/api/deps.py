@@ -16,6 +16,7 @@ from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from morag.core.config import Settings
 from morag.core.errors import AuthenticationError
@@ -90,6 +91,18 @@ def presented_key(headers: Headers) -> str | None:
     scheme, credentials = get_authorization_scheme_param(authorization)
     bearer = credentials if authorization and credentials and scheme.lower() == "bearer" else None
     return bearer or headers.get("X-API-Key") or None
+
+
+def scope_principal(scope: Scope) -> str | None:
+    """``authenticate`` for code that runs before FastAPI (the fast paths): the principal,
+    or None when the key check fails (the route then answers with its documented 401)."""
+    settings: Settings = scope["app"].state.settings
+    if not settings.api_keys:
+        return "anonymous"
+    try:
+        return principal_for(settings, presented_key(Headers(scope=scope)))
+    except AuthenticationError:
+        return None
 
 
 Principal = Annotated[str, Depends(authenticate)]

@@ -188,6 +188,7 @@ def create_app(cfg: Settings = settings) -> FastAPI:
     app.include_router(batches.router)
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(status.StatusReadFastPath)
+    app.add_middleware(ingest.UrlSubmissionFastPath)
     app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
     if cfg.cors_origins:
         app.add_middleware(

@@ -10,10 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from morag.api.deps import ServiceDep, authenticate, presented_key, principal_for
+from morag.api.deps import ServiceDep, authenticate, scope_principal
 from morag.api.errors import error_responses
 from morag.api.schemas import (
     JobHistory,
@@ -124,7 +123,7 @@ class StatusReadFastPath:
     (bench row 3: ~425 -> ~200 µs a read).
 
     It answers only that plain case, and as ``get_status`` does: the same key check
-    (``principal_for``), the same read and the same JSON. Everything else (no or a wrong
+    (``scope_principal``), the same read and the same JSON. Everything else (no or a wrong
     key, an id the route would refuse, no record, Redis trouble, other methods and paths)
     goes on to ``get_status`` and the app's error handlers, so every error keeps its shape.
     ``create_app`` installs it innermost: the log line, CORS and the body limit still apply.
@@ -148,12 +147,9 @@ class StatusReadFastPath:
     async def _answer(self, scope: Scope, task_id: str) -> Response | None:
         if not 0 < len(task_id) <= TASK_ID_MAX_CHARS or "/" in task_id:
             return None
+        if scope_principal(scope) is None:
+            return None  # the route refuses it, with the 401 it documents
         state = scope["app"].state
-        if state.settings.api_keys:
-            try:
-                principal_for(state.settings, presented_key(Headers(scope=scope)))
-            except MoragError:
-                return None  # the route refuses it, with the 401 it documents
         try:
             info = await state.ingestion.store.aget(state.ingestion.aio_reads, task_id)
             if info is None:
