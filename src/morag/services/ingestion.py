@@ -475,7 +475,7 @@ class IngestionService:
         self, spec: JobSpec, *, principal: str = "anonymous", idempotency_key: str | None = None
     ) -> Submission:
         """Queue one job, or answer the job an identical earlier request or work created."""
-        fingerprint = _digest({"op": "job", "request": spec.request_key})
+        fingerprint = _digest({"op": "job", "request": spec.request_key}) if idempotency_key else ""
         replay = self._replay(principal, idempotency_key, fingerprint)
         if replay is not None:
             self._discard(spec)

@@ -169,10 +169,14 @@ class ProcessingTask(BaseTask):
         take_over: bool = False,
     ) -> str | None:
         inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
-        # What the message carries, so a job whose message the broker lost can be queued
-        # again (services/recovery.py); the API writes its own, which wins.
-        # kombu's JSON: the same types as the message itself (datetimes, UUIDs...)
-        submission = kombu_json.dumps({"task": self.name, "args": list(args), "kwargs": kwargs})
+        extra = dict(extra or {})
+        if "submission" not in extra:  # the API writes its own
+            # What the message carries, so a job whose message the broker lost can be
+            # queued again (services/recovery.py). kombu's JSON: the same types as the
+            # message itself (datetimes, UUIDs...).
+            extra["submission"] = kombu_json.dumps(
+                {"task": self.name, "args": list(args), "kwargs": kwargs}
+            )
         return get_job_store().create(
             task_id,
             kind=self.kind,
@@ -180,7 +184,7 @@ class ProcessingTask(BaseTask):
             task_name=self.name,
             input=inputs or {"args": list(args)},
             metadata=kwargs.get("metadata") or {},
-            extra={"submission": submission, **(extra or {})},
+            extra=extra,
             dedupe_key=dedupe_key,
             take_over=take_over,
         )
