@@ -278,7 +278,8 @@ return 'ok'
 )
 
 # KEYS: job, history, lease, channel, result, outbox | ARGV: ts, state, message, error_type,
-#       error_message, summary_json, result_json, retention_s, worker
+#       error_message, summary_json, result_json, retention_s, worker, then optionally the
+#       last progress report not yet written: its ts, progress, stage, message
 # Returns {outcome, state}: ok | final | missing
 _FINISH = (
     _EMIT
@@ -293,6 +294,11 @@ if state == 'success' and h[2] then
   state, message = 'revoked', 'cancelled while running'
 end
 local progress = h[3] or '0'
+if ARGV[10] and (current == 'started' or current == 'progress') then
+  -- the report the job made just before finishing, in its place in the history
+  progress = math.max(tonumber(progress), tonumber(ARGV[11]))
+  emit(KEYS[2], KEYS[4], ARGV[10], 'progress', progress, ARGV[12], ARGV[13], h[4], nil)
+end
 local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
                 'updated_at', ARGV[1]}
 local function add(name, value)
@@ -407,6 +413,16 @@ class Outcome:
 
     outcome: str
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """A running job's progress report, as ``JobStore.progress`` writes it."""
+
+    progress: float
+    stage: str
+    message: str
+    at: datetime
 
 
 class JobStore:
@@ -542,8 +558,10 @@ class JobStore:
         *,
         worker: str,
         lease_seconds: float,
+        at: datetime | None = None,
     ) -> str:
-        """Record progress; answers ok, cancel (stop now) or stop:<state> (record is final)."""
+        """Record progress (made at ``at``, default now); answers ok, cancel (stop now) or
+        stop:<state> (record is final)."""
         answer = self._progress(
             keys=[
                 self.job_key(task_id),
@@ -552,7 +570,7 @@ class JobStore:
                 self.channel(task_id),
             ],
             args=[
-                _iso(utcnow()),
+                _iso(at or utcnow()),
                 min(max(progress, 0.0), 1.0),
                 stage,
                 message,
@@ -573,9 +591,19 @@ class JobStore:
         error_message: str = "",
         summary: dict[str, Any] | None = None,
         result: dict[str, Any] | None = None,
+        last_report: ProgressReport | None = None,
     ) -> Outcome:
-        """Move the job to a final state; the first final state wins."""
+        """Move the job to a final state; the first final state wins. ``last_report``, a
+        progress report not written yet, goes into the history first, in the same write."""
         assert state.is_final
+        report: list[str | float] = []
+        if last_report is not None:
+            report = [
+                _iso(last_report.at),
+                min(max(last_report.progress, 0.0), 1.0),
+                last_report.stage,
+                last_report.message,
+            ]
         outcome, final_state = self._finish(
             keys=[
                 self.job_key(task_id),
@@ -595,6 +623,7 @@ class JobStore:
                 json.dumps(result or {}),
                 self.retention_seconds,
                 worker,
+                *report,
             ],
         )
         return Outcome(_s(outcome), _s(final_state))

@@ -4,8 +4,9 @@ Every morag task runs through ``ProcessingTask.__call__``, which
 1. claims the job (``JobStore.start``): a job that is final, cancelled, still leased by a
    live process, or out of attempts does not run;
 2. keeps a lease on the job while it runs, so a dead process is noticed (recovery);
-3. runs the task body, which reports progress through ``update_progress`` (throttled;
-   stage changes always written) and is stopped by ``JobCancelledError`` when cancelled;
+3. runs the task body, which reports progress through ``update_progress`` (at most one
+   write per ``progress_min_interval``; every stage reaches the history, a late one with
+   the outcome) and is stopped by ``JobCancelledError`` when cancelled;
 4. records the outcome: success with its result, failure with type and message, a
    retry with backoff for transient errors while attempts remain.
 
@@ -35,7 +36,7 @@ from morag.core.config import MODALITY_QUEUES, settings
 from morag.core.errors import JobCancelledError, MoragError
 from morag.core.sent_events import sent_event_batcher
 from morag.processors.base import ProcessingResult
-from morag.services.jobs import JobStore, TaskStatus, get_job_store, utcnow
+from morag.services.jobs import JobStore, ProgressReport, TaskStatus, get_job_store, utcnow
 
 logger = structlog.get_logger(__name__)
 
@@ -72,45 +73,154 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_BOOT_ID}"
 
 
+class _ProgressWriter:
+    """Writes the progress reports of the job this process runs.
+
+    Each write is a Redis round trip, so reports are written at most every
+    ``min_interval`` seconds, counted from the claim: a percentage-only report sooner
+    than that is dropped; a new stage sooner than that is held, and written when the
+    interval has passed (by the lease thread) or with the job's final write, whichever
+    comes first, with the time it was made. No stage is lost from the history, and a job
+    shorter than the interval writes its record twice (claim, outcome), not three times.
+    """
+
+    def __init__(self, store: JobStore, task_id: str, worker: str, min_interval: float) -> None:
+        self.store, self.task_id, self.worker = store, task_id, worker
+        self.min_interval = min_interval
+        self._lock = threading.Lock()  # one write at a time, in the order reports came
+        self._last_write = time.monotonic()  # the claim
+        self._stage = ""
+        self._held: ProgressReport | None = None
+        self._stopped = ""  # the answer of a write that says the job must stop
+        self._closed = False
+        self._redis_down = False
+
+    @property
+    def due(self) -> float | None:
+        """When the held report is to be written (monotonic), if one is held."""
+        return self._last_write + self.min_interval if self._held is not None else None
+
+    def report(self, progress: float, stage: str | None, message: str | None) -> bool:
+        """Take a report; True when one was held (the lease thread must wake for it).
+        Raises JobCancelledError when a write answered that the job must stop."""
+        with self._lock:
+            if self._closed:
+                return False  # the job has its outcome: nothing more to report
+            stage = stage or self._stage or "processing"
+            new_stage, self._stage = stage != self._stage, stage
+            report = ProgressReport(progress, stage, message or stage, utcnow())
+            if time.monotonic() - self._last_write < self.min_interval:
+                if new_stage and self._held is not None and self._held.stage != stage:
+                    self._write(self._held)  # two stages in one interval: keep both
+                    self._held = report
+                elif new_stage or self._held is not None:
+                    self._held = report  # the latest report of the held stage
+                return self._raise_if_stopped(held=self._held is report)
+            if self._held is not None:
+                self._write(self._held)
+                self._held = None
+            self._write(report)
+            return self._raise_if_stopped(held=False)
+
+    def _raise_if_stopped(self, held: bool) -> bool:
+        if self._stopped:
+            raise JobCancelledError(f"job stopped: {self._stopped}")
+        return held
+
+    def write_due(self) -> None:
+        """Write the held report if its time has come (the lease thread calls this)."""
+        with self._lock:
+            due = self.due
+            if self._closed or due is None or time.monotonic() < due:
+                return
+            held, self._held = self._held, None
+            assert held is not None
+            self._write(held)
+
+    def close(self) -> ProgressReport | None:
+        """No more writes; the report still held, for the job's final write."""
+        with self._lock:
+            self._closed = True
+            held, self._held = self._held, None
+            return held
+
+    def _write(self, report: ProgressReport) -> None:
+        try:
+            answer = self.store.progress(
+                self.task_id,
+                report.progress,
+                report.stage,
+                report.message,
+                worker=self.worker,
+                lease_seconds=settings.lease_seconds,
+                at=report.at,
+            )
+        except _REDIS_DOWN as exc:
+            # Progress is a report, not the job: carry on and write the next one.
+            if not self._redis_down:
+                logger.warning("progress not recorded: Redis unreachable", error=str(exc))
+            self._redis_down = True
+            return
+        self._last_write, self._redis_down = time.monotonic(), False
+        if answer != "ok":
+            self._stopped = answer
+
+
 class _LeaseKeeper:
-    """Refreshes the lease of the job this process runs, from one daemon thread."""
+    """One daemon thread per process: refreshes the lease of the job this process runs,
+    and writes its held progress report when that is due."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._current: tuple[JobStore, str, str] | None = None
+        self._wake = threading.Condition()
+        self._current: _ProgressWriter | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def hold(self, store: JobStore, task_id: str, worker: str) -> None:
-        with self._lock:
-            self._current = (store, task_id, worker)
+    def hold(self, job: _ProgressWriter) -> None:
+        with self._wake:
+            self._current = job
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._loop, name="morag-lease", daemon=True)
                 self._thread.start()
 
     def release(self) -> None:
-        with self._lock:
+        with self._wake:
             self._current = None
 
+    def report_held(self) -> None:
+        """A report is held: wake up in time to write it."""
+        with self._wake:
+            self._wake.notify()
+
     def _loop(self) -> None:
+        next_refresh = time.monotonic() + settings.lease_seconds / 6
         while True:
-            time.sleep(settings.lease_seconds / 6)
-            with self._lock:
+            with self._wake:
                 current = self._current
-            if current is not None:
-                store, task_id, worker = current
-                try:
-                    answer = store.keep_lease(task_id, worker, settings.lease_seconds)
-                except Exception as exc:  # Redis hiccup: the next round tries again
-                    logger.warning("lease refresh failed", task_id=task_id, error=str(exc))
-                    continue
-                if answer == "retaken":
-                    logger.warning(
-                        "job lease had lapsed (Redis away?); taken again", task_id=task_id
-                    )
-                elif answer == "other":
-                    logger.error("another process holds this job's lease", task_id=task_id)
+                due = current.due if current is not None else None
+                wake_at = min(next_refresh, due) if due is not None else next_refresh
+                if wake_at > time.monotonic():
+                    self._wake.wait(wake_at - time.monotonic())
+                    continue  # look again: woken early, or the job changed
+            if current is not None and due is not None:
+                current.write_due()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + settings.lease_seconds / 6
+                if current is not None:
+                    self._refresh(current)
+
+    @staticmethod
+    def _refresh(job: _ProgressWriter) -> None:
+        try:
+            answer = job.store.keep_lease(job.task_id, job.worker, settings.lease_seconds)
+        except Exception as exc:  # Redis hiccup: the next round tries again
+            logger.warning("lease refresh failed", task_id=job.task_id, error=str(exc))
+            return
+        if answer == "retaken":
+            logger.warning("job lease had lapsed (Redis away?); taken again", task_id=job.task_id)
+        elif answer == "other":
+            logger.error("another process holds this job's lease", task_id=job.task_id)
 
 
 _lease_keeper = _LeaseKeeper()
@@ -219,8 +329,8 @@ class ProcessingTask(BaseTask):
             log.info("job not run", reason=claim.outcome, state=claim.detail)
             raise Ignore()
         log.info("job started", attempt=int(claim.detail), worker=worker)
-        self._job = {"store": store, "worker": worker, "last_write": 0.0, "stage": ""}
-        _lease_keeper.hold(store, task_id, worker)
+        job = self._job = _ProgressWriter(store, task_id, worker, settings.progress_min_interval)
+        _lease_keeper.hold(job)
         try:
             value = self.run(*args, **kwargs)
         except JobCancelledError:
@@ -230,6 +340,7 @@ class ProcessingTask(BaseTask):
                 TaskStatus.REVOKED,
                 message="cancelled while running",
                 worker=worker,
+                last_report=job.close(),
             )
             log.info("job cancelled while running")
             raise Ignore() from None
@@ -245,6 +356,7 @@ class ProcessingTask(BaseTask):
             raise
         except MoragError as exc:
             if exc.retryable and int(claim.detail) < settings.max_attempts:
+                job.close()  # a report held now is dropped: the next attempt starts over
                 raise self._retry_later(store, task_id, worker, exc, int(claim.detail)) from exc
             self._fail(store, task_id, worker, type(exc).__name__, exc.message)
             raise
@@ -268,6 +380,7 @@ class ProcessingTask(BaseTask):
             worker=worker,
             summary=summary,
             result=result,
+            last_report=job.close(),
         )
         log.info("job finished", state=outcome.detail)
         return summary
@@ -283,6 +396,7 @@ class ProcessingTask(BaseTask):
             worker=worker,
             error_type=error_type,
             error_message=message,
+            last_report=self._job.close(),  # the stage it failed in, into the history
         )
 
     def _retry_later(
@@ -309,34 +423,14 @@ class ProcessingTask(BaseTask):
     ) -> None:
         """Report progress (0..1). Raises JobCancelledError when the job was cancelled.
 
-        Stage changes are always written; percentage-only updates at most every
-        ``settings.progress_min_interval`` seconds (each write costs a Redis round trip).
+        Every stage reaches the record, percentage-only updates at most every
+        ``settings.progress_min_interval`` seconds (``_ProgressWriter``).
         """
         job = getattr(self, "_job", None)
         if job is None or self.request.called_directly:
             return
-        stage = stage or job["stage"] or "processing"
-        now = time.monotonic()
-        if stage == job["stage"] and now - job["last_write"] < settings.progress_min_interval:
-            return
-        try:
-            answer = job["store"].progress(
-                self.request.id,
-                progress,
-                stage,
-                message or stage,
-                worker=job["worker"],
-                lease_seconds=settings.lease_seconds,
-            )
-        except _REDIS_DOWN as exc:
-            # Progress is a report, not the job: carry on and write the next one.
-            if not job.get("redis_down"):
-                logger.warning("progress not recorded: Redis unreachable", error=str(exc))
-            job["redis_down"] = True
-            return
-        job["stage"], job["last_write"], job["redis_down"] = stage, now, False
-        if answer != "ok":
-            raise JobCancelledError(f"job stopped: {answer}")
+        if job.report(progress, stage, message):
+            _lease_keeper.report_held()
 
     def progress_callback(self, fraction: float, stage: str, message: str = "") -> None:
         """The ``ProgressCallback`` handed to processors."""
