@@ -100,12 +100,12 @@ class _ProgressWriter:
         """When the held report is to be written (monotonic), if one is held."""
         return self._last_write + self.min_interval if self._held is not None else None
 
-    def report(self, progress: float, stage: str | None, message: str | None) -> bool:
-        """Take a report; True when one was held (the lease thread must wake for it).
-        Raises JobCancelledError when a write answered that the job must stop."""
+    def report(self, progress: float, stage: str | None, message: str | None) -> None:
+        """Take a report. Raises JobCancelledError when a write answered that the job
+        must stop."""
         with self._lock:
             if self._closed:
-                return False  # the job has its outcome: nothing more to report
+                return  # the job has its outcome: nothing more to report
             stage = stage or self._stage or "processing"
             new_stage, self._stage = stage != self._stage, stage
             report = ProgressReport(progress, stage, message or stage, utcnow())
@@ -115,17 +115,13 @@ class _ProgressWriter:
                     self._held = report
                 elif new_stage or self._held is not None:
                     self._held = report  # the latest report of the held stage
-                return self._raise_if_stopped(held=self._held is report)
-            if self._held is not None:
-                self._write(self._held)
-                self._held = None
-            self._write(report)
-            return self._raise_if_stopped(held=False)
-
-    def _raise_if_stopped(self, held: bool) -> bool:
-        if self._stopped:
-            raise JobCancelledError(f"job stopped: {self._stopped}")
-        return held
+            else:
+                if self._held is not None:
+                    self._write(self._held)
+                    self._held = None
+                self._write(report)
+            if self._stopped:
+                raise JobCancelledError(f"job stopped: {self._stopped}")
 
     def write_due(self) -> None:
         """Write the held report if its time has come (the lease thread calls this)."""
@@ -171,44 +167,43 @@ class _LeaseKeeper:
     and writes its held progress report when that is due."""
 
     def __init__(self) -> None:
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()
         self._current: _ProgressWriter | None = None
+        self._job_started = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     def hold(self, job: _ProgressWriter) -> None:
-        with self._wake:
+        with self._lock:
             self._current = job
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
+                self._job_started = threading.Event()
                 self._thread = threading.Thread(target=self._loop, name="morag-lease", daemon=True)
                 self._thread.start()
+        self._job_started.set()
 
     def release(self) -> None:
-        with self._wake:
+        with self._lock:
             self._current = None
 
-    def report_held(self) -> None:
-        """A report is held: wake up in time to write it."""
-        with self._wake:
-            self._wake.notify()
-
     def _loop(self) -> None:
-        next_refresh = time.monotonic() + settings.lease_seconds / 6
         while True:
-            with self._wake:
-                current = self._current
-                due = current.due if current is not None else None
-                wake_at = min(next_refresh, due) if due is not None else next_refresh
-                if wake_at > time.monotonic():
-                    self._wake.wait(wake_at - time.monotonic())
-                    continue  # look again: woken early, or the job changed
-            if current is not None and due is not None:
+            self._job_started.wait()  # idle: nothing to refresh or write
+            self._job_started.clear()
+            next_refresh = time.monotonic() + settings.lease_seconds / 6  # claimed just now
+            while True:
+                with self._lock:
+                    current = self._current
+                if current is None:
+                    break
+                # Look for a due report every half interval: a held report is at most 1.5
+                # intervals late, and reporting costs the job no wake-up call.
                 current.write_due()
-            if time.monotonic() >= next_refresh:
-                next_refresh = time.monotonic() + settings.lease_seconds / 6
-                if current is not None:
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + settings.lease_seconds / 6
                     self._refresh(current)
+                time.sleep(min(current.min_interval / 2, settings.lease_seconds / 6))
 
     @staticmethod
     def _refresh(job: _ProgressWriter) -> None:
@@ -429,8 +424,7 @@ class ProcessingTask(BaseTask):
         job = getattr(self, "_job", None)
         if job is None or self.request.called_directly:
             return
-        if job.report(progress, stage, message):
-            _lease_keeper.report_held()
+        job.report(progress, stage, message)
 
     def progress_callback(self, fraction: float, stage: str, message: str = "") -> None:
         """The ``ProgressCallback`` handed to processors."""
