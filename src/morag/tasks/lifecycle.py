@@ -4,6 +4,9 @@
   out of the garbage collector's sight.
 - A job terminated by ``revoke`` ends REVOKED; a job killed by the hard time limit ends
   FAILURE (Celery reports both in the worker's main process, where the task never ran).
+- The pool looks for exited processes ten times a second, so a terminated or recycled
+  process is replaced at once; the main process freezes what it loaded, so forking a
+  replacement costs no copy-on-write storm.
 - Task events (Flower, ``celery events``) leave in batches every ``EVENT_FLUSH_SECONDS``
   instead of one publish per event; a recycled pool process sends the task-sent events
   of its retries before it exits (core/sent_events.py).
@@ -126,24 +129,38 @@ def _record_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     message = "cancelled while running" if terminated else "cancelled before it started"
     get_job_store().finish(request.id, TaskStatus.REVOKED, message=message)
     logger.info("job revoked", task_id=request.id, terminated=terminated)
-    if terminated:
-        _replace_terminated_process_soon()
 
 
-def _replace_terminated_process_soon() -> None:
-    """Refill the pool right after a terminate, not at its next 5-second maintenance.
+class FrequentPoolMaintenance(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Look for exited pool processes every ``POOL_MAINTENANCE_SECONDS``, not every 5 s.
 
-    The prefork pool notices a process killed by ``revoke(terminate=True)`` only when its
-    maintenance timer fires (every 5 s), so the freed slot stayed empty for up to 5 s
-    (bench/: cancel p99 4.5 s, bare Celery alike). A few early maintenance calls close it.
+    The prefork pool replaces a process that exited only if it is already reapable when
+    its exit is noticed; otherwise at its next maintenance, every 5 s. Until then its slot
+    stays empty, and a job handed to it just before it left waits (celery/celery#9588).
+    That happens after ``revoke(terminate=True)`` (bench/: cancel p99 4.5 s, bare Celery
+    alike) and when a process is recycled after ``worker_max_tasks_per_child`` jobs (1-3 s
+    stalls in bench/ row 1). Looking often (a ``waitpid`` per process) closes both.
     """
-    consumer = _pool_access.get("consumer")
-    hub = getattr(consumer, "hub", None)
-    maintain = getattr(getattr(consumer, "pool", None), "maintain_pool", None)
-    if hub is None or maintain is None:
-        return  # not a prefork pool on the event loop: nothing to refill
-    for delay in (0.05, 0.25, 1.0):
-        hub.call_later(delay, maintain)
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._timer: Any = None
+
+    def start(self, c: Any) -> None:
+        maintain = getattr(c.pool, "maintain_pool", None)
+        if c.hub is None or maintain is None:
+            return  # not a prefork pool on the event loop: nothing to maintain
+        self._timer = c.hub.call_repeatedly(POOL_MAINTENANCE_SECONDS, maintain)
+
+    def stop(self, c: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+celery_app.steps["consumer"].add(FrequentPoolMaintenance)
 
 
 @signals.task_failure.connect
@@ -177,7 +194,6 @@ def _remember_worker(sender: str = "", instance: Any = None, **_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_maintenance(sender: Any = None, **_: Any) -> None:
-    _pool_access["consumer"] = sender
     from morag.services.recovery import RecoveryLoop
     from morag.services.webhooks import WebhookDispatcher, WebhookOutbox, WebhookSender
 
@@ -279,10 +295,12 @@ class _Maintenance(threading.Thread):
             logger.warning("could not withdraw worker", error=str(exc))
 
 
+#: Seconds between two looks for exited pool processes (Celery's own: 5).
+POOL_MAINTENANCE_SECONDS = 0.1
+
 #: Seconds between two looks at the webhook outbox (a job's webhook waits at most this).
 WEBHOOK_DISPATCH_INTERVAL = 0.5
 
 _worker: dict[str, Any] = {"hostname": "", "queues": [], "concurrency": 0, "started_at": ""}
 _maintenance: list[_Maintenance] = []
 _fork_guard: list[bool] = []
-_pool_access: dict[str, Any] = {}  # the worker's consumer (pool and event loop), once ready
