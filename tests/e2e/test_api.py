@@ -743,6 +743,17 @@ def test_every_error_has_the_one_shape(client: httpx.Client) -> None:
     huge = {"url": "https://example.com/", "metadata": {"x": "y" * 20_000_000}}
     error_of(client.post(f"{INGEST}/url", json=huge), 413)
 
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit counts what arrives
+        yield b'{"url": "https://example.com/", "metadata": {"x": "'
+        for _ in range(40):
+            yield b"y" * 500_000
+        yield b'"}}'
+
+    streamed = client.post(
+        f"{INGEST}/url", content=chunked(), headers={"Content-Type": "application/json"}
+    )
+    assert error_of(streamed, 413)["code"] == "limit_exceeded"
+
 
 def test_openapi_describes_every_endpoint(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()

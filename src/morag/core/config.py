@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     max_attempts: Annotated[int, Field(ge=1)] = 3  # starts of a job before it fails for good
     retry_backoff_seconds: float = 2.0
     retry_backoff_max_seconds: float = 120.0
-    progress_min_interval: float = 0.25  # seconds between two percentage-only progress writes
+    progress_min_interval: float = 0.25  # seconds between two progress writes of a job
     lease_seconds: float = 30.0  # a running job's lease; expires this long after its process died
     recovery_interval: float = 5.0  # how often a worker looks for jobs of dead workers
     recovery_grace_seconds: float = 20.0  # an unacked, unstarted message older than this is lost

@@ -298,7 +298,11 @@ class UrlSubmissionFastPath:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive)
+        except Exception as exc:  # a body over the limit: 413, as the route answers it
+            await (await _handled(scope, exc))(scope, receive, send)
+            return
         spec, principal = self._plain_submission(scope, headers, body)
         if spec is None:
             await self.app(scope, _replay(body, receive), send)
