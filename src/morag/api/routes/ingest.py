@@ -154,6 +154,20 @@ def _accepted(response: Response, request: Request, submission: Submission) -> N
     request.state.task_id = submission.task_id
 
 
+def _prepare_url(
+    service: IngestionService, body: UrlIngestRequest, field_prefix: str = ""
+) -> JobSpec:
+    """``prepare_url`` for one URL request body (the route, its fast path, batch items)."""
+    return service.prepare_url(
+        body.url,
+        source_type=body.source_type,
+        metadata=body.metadata,
+        webhook_url=body.webhook_url,
+        options=body.options.model_dump() if body.options else None,
+        field_prefix=field_prefix,
+    )
+
+
 def _file_options(fields: FileFields) -> dict[str, Any]:
     return {
         "chunk_size_tokens": fields.chunk_size_tokens,
@@ -257,13 +271,7 @@ async def ingest_url(
     ``source_type`` audio or video the worker downloads the media (through the same guard)
     and processes it like an upload."""
     # prepare_url does no I/O (the guard checks without DNS), so it runs in the loop.
-    spec = service.prepare_url(
-        body.url,
-        source_type=body.source_type,
-        metadata=body.metadata,
-        webhook_url=body.webhook_url,
-        options=body.options.model_dump() if body.options else None,
-    )
+    spec = _prepare_url(service, body)
     submission = await service.asubmit(spec, principal=principal, idempotency_key=idempotency_key)
     _accepted(response, request, submission)
     return SubmissionResponse(
@@ -338,14 +346,7 @@ class UrlSubmissionFastPath:
             return None, ""
         try:
             request = UrlIngestRequest.model_validate(json.loads(body))  # as FastAPI does
-            service: IngestionService = scope["app"].state.ingestion
-            spec = service.prepare_url(
-                request.url,
-                source_type=request.source_type,
-                metadata=request.metadata,
-                webhook_url=request.webhook_url,
-                options=request.options.model_dump() if request.options else None,
-            )
+            spec = _prepare_url(scope["app"].state.ingestion, request)
         except Exception:
             return None, ""  # the route refuses it, with its 422
         return spec, principal
@@ -437,16 +438,7 @@ async def ingest_batch(
         service.check_batch_size(len(files) + len(url_items))
         specs = await run_in_threadpool(_prepare_files, service, files, fields)
         for index, item in enumerate(url_items):
-            specs.append(
-                service.prepare_url(
-                    item.url,
-                    source_type=item.source_type,
-                    metadata=item.metadata,
-                    webhook_url=item.webhook_url,
-                    options=item.options.model_dump() if item.options else None,
-                    field_prefix=f"items.{index}.",
-                )
-            )
+            specs.append(_prepare_url(service, item, field_prefix=f"items.{index}."))
         batch = await run_in_threadpool(
             service.submit_batch, specs, principal=principal, idempotency_key=idempotency_key
         )
