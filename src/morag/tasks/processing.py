@@ -169,7 +169,6 @@ class _LeaseKeeper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: _ProgressWriter | None = None
-        self._job_started = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
@@ -178,32 +177,30 @@ class _LeaseKeeper:
             self._current = job
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._job_started = threading.Event()
                 self._thread = threading.Thread(target=self._loop, name="morag-lease", daemon=True)
                 self._thread.start()
-        self._job_started.set()
 
     def release(self) -> None:
         with self._lock:
             self._current = None
 
     def _loop(self) -> None:
+        # A look every half progress interval: a held report is at most 1.5 intervals late,
+        # and a job's start or report costs it no wake-up call (8 looks a second, idle).
+        job: _ProgressWriter | None = None
+        next_refresh = 0.0
         while True:
-            self._job_started.wait()  # idle: nothing to refresh or write
-            self._job_started.clear()
-            next_refresh = time.monotonic() + settings.lease_seconds / 6  # claimed just now
-            while True:
-                with self._lock:
-                    current = self._current
-                if current is None:
-                    break
-                # Look for a due report every half interval: a held report is at most 1.5
-                # intervals late, and reporting costs the job no wake-up call.
-                current.write_due()
-                if time.monotonic() >= next_refresh:
-                    next_refresh = time.monotonic() + settings.lease_seconds / 6
-                    self._refresh(current)
-                time.sleep(min(current.min_interval / 2, settings.lease_seconds / 6))
+            time.sleep(max(settings.progress_min_interval / 2, 0.05))
+            with self._lock:
+                current = self._current
+            if current is None:
+                continue
+            if current is not job:  # a new job: its claim set the lease just now
+                job, next_refresh = current, time.monotonic() + settings.lease_seconds / 6
+            current.write_due()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + settings.lease_seconds / 6
+                self._refresh(current)
 
     @staticmethod
     def _refresh(job: _ProgressWriter) -> None:
