@@ -26,6 +26,7 @@ CONFIG: dict[str, Any] = {
     "noop_jobs": 1500,  # row 1, per repetition
     "throughput_reps": 5,  # row 1: more repetitions, its ratio is the noisiest
     "latency_samples": 200,  # row 4, sequential jobs per repetition
+    "api_reps": 5,  # rows 2 and 3: short repetitions, each easily hit by the machine's noise
     "submissions": 1000,  # row 2, per repetition
     "api_concurrency": 16,  # rows 2 and 3, concurrent HTTP clients
     "status_tasks": 200,  # row 3, finished jobs read back
@@ -39,6 +40,7 @@ CONFIG: dict[str, Any] = {
     "recovery_timeout": 120,  # row 7, seconds before a repetition fails
 }
 QUICK: dict[str, Any] = {
+    "api_reps": 3,
     "noop_jobs": 300,
     "throughput_reps": 3,
     "latency_samples": 40,

@@ -115,7 +115,7 @@ def run_submissions(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
     direct("warm-d")
     bench.flush_morag()
     api_rates, direct_rates, failures, examples = [], [], 0, []
-    for rep in range(cfg["reps"]):
+    for rep in range(cfg["api_reps"]):
         order = ("api", "direct") if rep % 2 == 0 else ("direct", "api")
         for side in order:
             if side == "api":
@@ -132,7 +132,7 @@ def run_submissions(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
     bench.flush_morag()
     ratio = paired_ratios(api_rates, direct_rates)
     load = bench.shared.setdefault("api_load", [])
-    load.append(f"{(cfg['reps'] + 1) * n + 300} URL submissions")
+    load.append(f"{(cfg['api_reps'] + 1) * n + 300} URL submissions")
     return [
         Row(
             key="2",
@@ -194,7 +194,7 @@ def run_status_reads(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
         loadgen.run(base, conc, api_reads[:300], 200)
         loadgen.run(flower_base, conc, flower_reads[:300], 200)
         api_rates, flower_rates, failures = [], [], 0
-        for rep in range(cfg["reps"]):
+        for rep in range(cfg["api_reps"]):
             order = ("api", "flower") if rep % 2 == 0 else ("flower", "api")
             for side in order:
                 if side == "api":
@@ -216,7 +216,7 @@ def run_status_reads(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
             len(reads) / asyncio.run(_run_clients(flower_base, conc, reads, flower_read, 200))[0]
         )
         bench.shared.setdefault("api_load", []).append(
-            f"{(cfg['reps'] + 1) * len(reads) + 300} status reads"
+            f"{(cfg['api_reps'] + 1) * len(reads) + 300} status reads"
         )
     finally:
         bench.stop(worker)
