@@ -498,8 +498,12 @@ class JobStore:
             **(extra or {}),
         }
         flat = [item for pair in fields.items() for item in pair]
-        keys = [self.job_key(task_id), self.history_key(task_id), self.index_key]
-        keys.append(self.channel(task_id))
+        keys = [
+            self.job_key(task_id),
+            self.history_key(task_id),
+            self.index_key,
+            self.channel(task_id),
+        ]
         if dedupe_key:
             keys.append(dedupe_key)
         answer = self._create(

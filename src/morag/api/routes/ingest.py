@@ -147,8 +147,13 @@ def _fields(model: type[FileFields], form: ReceivedForm) -> FileFields:
         ) from None
 
 
+def _status_location(task_id: str) -> str:
+    """Where a submitted job's status is read (the ``Location`` of a 202)."""
+    return f"/api/v1/status/{task_id}"
+
+
 def _accepted(response: Response, request: Request, submission: Submission) -> None:
-    response.headers["Location"] = f"/api/v1/status/{submission.task_id}"
+    response.headers["Location"] = _status_location(submission.task_id)
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     request.state.task_id = submission.task_id
@@ -329,7 +334,7 @@ class UrlSubmissionFastPath:
                     message=submission.message,
                 ).model_dump(mode="json"),
                 status_code=202,
-                headers={"Location": f"/api/v1/status/{submission.task_id}"},
+                headers={"Location": _status_location(submission.task_id)},
             )
         await response(scope, receive, send)
 
