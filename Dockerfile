@@ -4,9 +4,11 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --create-home --uid 1000 morag
 WORKDIR /app
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install . && mkdir /data && chown morag:morag /data
+RUN pip install --no-deps . && mkdir /data && chown morag:morag /data
 
 USER morag
 ENV MORAG_DATA_DIR=/data

@@ -50,6 +50,7 @@ ZIP_RATIO_FLOOR_BYTES = 10 * 1024 * 1024
 # mammoth parses XML into a DOM tens of times its size: bound each XML part.
 ZIP_MAX_XML_PART_BYTES = 100 * 1024 * 1024
 
+_DOCX_UNDERLINE_STYLE = "u => u"  # keep underlines, as markitdown does
 _WESTERN_ENCODINGS = ("cp1252", "iso8859_1", "iso8859_15")
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
@@ -331,9 +332,25 @@ def _markitdown(converter_name: str, extension: str, path: Path) -> Any:
 
 
 def _convert_docx(path: Path, limits: ProcessorLimits, progress: ProgressCallback) -> _Converted:
-    result = _markitdown("DocxConverter", ".docx", path)
-    markdown = _tidy(result.markdown)
-    return _Converted(markdown, split_markdown_sections(markdown), {"converter": "markitdown"})
+    """Word to HTML with mammoth, then to Markdown with markitdown's HTML converter.
+
+    markitdown's own DocxConverter first rewrites the document's XML through BeautifulSoup
+    (to turn equations into LaTeX), and with lxml >= 6.2 that rewrite drops the ``w:``
+    namespace prefixes, leaving mammoth no body to read. Calling mammoth on the original
+    file keeps headings, lists and tables with any lxml; equations are left out.
+    """
+    import mammoth
+    from markitdown.converters import HtmlConverter
+
+    with path.open("rb") as stream:
+        embedded_style_map = mammoth.read_embedded_style_map(stream)
+        stream.seek(0)
+        style_map = "\n".join(filter(None, [embedded_style_map, _DOCX_UNDERLINE_STYLE]))
+        html = mammoth.convert_to_html(
+            stream, style_map=style_map, include_embedded_style_map=False
+        ).value
+    markdown = _tidy(HtmlConverter().convert_string(html).markdown)
+    return _Converted(markdown, split_markdown_sections(markdown), {"converter": "mammoth"})
 
 
 def _convert_pptx(path: Path, limits: ProcessorLimits, progress: ProgressCallback) -> _Converted:

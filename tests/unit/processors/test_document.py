@@ -93,6 +93,26 @@ def test_docx_keeps_headings_and_tables(docx_file: Path) -> None:
     assert table_chunk.metadata["heading_path"] == ["Quarterly Report", "Revenue"]
 
 
+def test_docx_keeps_lists_and_underline(tmp_path: Path) -> None:
+    from docx import Document
+
+    doc = Document()
+    doc.add_heading("Steps", level=1)
+    doc.add_paragraph("first step", style="List Bullet")
+    doc.add_paragraph("second step", style="List Bullet")
+    doc.add_paragraph("one", style="List Number")
+    doc.add_paragraph("two", style="List Number")
+    doc.add_paragraph().add_run("mind this").underline = True
+    doc.save(str(tmp_path / "steps.docx"))
+
+    result = process_document(tmp_path / "steps.docx")
+
+    assert "* first step\n* second step" in result.markdown
+    assert "1. one\n2. two" in result.markdown
+    assert "mind this" in result.markdown
+    assert result.metadata["converter"] == "mammoth"
+
+
 def test_pptx_is_segmented_by_slide(pptx_file: Path) -> None:
     result = process_document(pptx_file, options=ChunkingOptions(16, 0))
 
