@@ -8,15 +8,15 @@ consumer, naming those queues.
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis
+import structlog
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from morag.core.config import ALL_QUEUES, settings
 from morag.services.task_manager import task_manager
 
+logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["health"])
 
 _ping_clients: dict[str, redis.Redis] = {}
@@ -39,29 +39,38 @@ def liveness() -> dict[str, str]:
 
 @router.get("/health/ready", responses={503: {"description": "not ready"}})
 def readiness() -> JSONResponse:
-    """Redis reachable and every queue consumed by at least one live worker."""
-    services: dict[str, Any] = {}
+    """Redis reachable and every queue consumed by at least one live worker.
+
+    ``services`` keeps the seed's contract: ``redis`` and ``celery`` are each exactly
+    ``healthy`` or ``unhealthy``. The live workers' names and a short reason per unhealthy
+    service stand beside it. This answer needs no key, so it never carries an exception's
+    text or a file path (a Redis URL may be a socket path in the user's home): those are
+    logged.
+    """
+    services = {"redis": "healthy", "celery": "unhealthy"}
+    reasons: dict[str, str] = {}
+    workers: list[str] = []
     queues_without_consumers: list[str] = []
     try:
         _ping_client(settings.redis_url).ping()
-        services["redis"] = "healthy"
     except redis.RedisError as exc:
-        services["redis"] = f"unhealthy: {exc}"
+        logger.warning("readiness: Redis is unreachable", error=str(exc))
+        services["redis"] = "unhealthy"
+        reasons["redis"] = reasons["celery"] = "Redis is unreachable"
     if services["redis"] == "healthy":
         stats = task_manager.get_queue_stats(include_active=False)
         queues_without_consumers = [q for q in ALL_QUEUES if not stats["queues"][q]["consumers"]]
-        services["celery"] = "healthy" if stats["workers"] else "unhealthy: no live worker"
-        services["workers"] = stats["workers"]
-    else:
-        services["celery"] = "unknown: Redis is unreachable"
-    ready = (
-        services["redis"] == "healthy"
-        and not queues_without_consumers
-        and bool(services.get("workers"))
-    )
+        workers = list(stats["workers"])
+        if workers:
+            services["celery"] = "healthy"
+        else:
+            reasons["celery"] = "no live worker"
+    ready = services["redis"] == services["celery"] == "healthy" and not queues_without_consumers
     body = {
         "status": "ready" if ready else "not_ready",
         "services": services,
+        "reasons": reasons,
+        "workers": workers,
         "queues_without_consumers": queues_without_consumers,
     }
     return JSONResponse(body, status_code=200 if ready else 503)
