@@ -73,6 +73,7 @@ def up(
     from morag.core.config import Settings
     from morag.core.embedded_redis import EmbeddedRedis
     from morag.core.errors import ConfigurationError
+    from morag.core.private_files import keep_files_private
     from morag.core.supervisor import (
         Child,
         ChildProcess,
@@ -91,6 +92,7 @@ def up(
         if value:
             os.environ[f"MORAG_{name}"] = str(value)
     cfg = Settings()
+    keep_files_private(cfg)  # before Redis starts: its AOF and RDB files are private too
     env = dict(os.environ)
     children: list[Child] = []
     if not cfg.redis_explicitly_set:

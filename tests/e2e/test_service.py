@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from morag.core.config import ALL_QUEUES
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, ServiceProcess, free_port, wait_for
 
 
 def test_liveness_is_fast(api_server: str) -> None:
@@ -166,6 +166,11 @@ def test_morag_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
             (tmp_path / "data" / "redis").glob("appendonly*")
         )
+        body = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).json()
+        assert body["services"] == {"redis": "healthy", "celery": "healthy"}
+        assert body["workers"] and body["reasons"] == {}
+        _ingest_one_document(f"http://127.0.0.1:{port}")
+        _assert_private(tmp_path / "data")
         descendants = subprocess.run(
             ["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True
         ).stdout.split()
@@ -182,3 +187,63 @@ def test_morag_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     assert left == [], "nothing keeps running after Ctrl-C"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def _ingest_one_document(base: str) -> None:
+    """Upload a small Markdown file and wait for its job to succeed."""
+    answer = httpx.post(
+        f"{base}/api/v1/ingest/file",
+        files={"file": ("notes.md", b"# Notes\n\nA private note.\n", "text/markdown")},
+    )
+    assert answer.status_code == 202, answer.text
+    status_url = f"{base}/api/v1/status/{answer.json()['task_id']}"
+    wait_for(lambda: httpx.get(status_url).json()["status"] == "success", 60, "the upload's job")
+
+
+def _assert_private(data_dir: Path) -> None:
+    """Nothing under the data dir is open to the group or others: directories are 0700,
+    files (uploads, the AOF and RDB files, Redis's log) 0600."""
+    entries = [data_dir, *data_dir.rglob("*")]
+    assert any(p.is_file() and p.parent.name == "redis" for p in entries)
+    assert any(p.name.startswith("appendonly") for p in entries)
+    modes = {str(p.relative_to(data_dir.parent)): p.lstat().st_mode & 0o777 for p in entries}
+    for path, mode in modes.items():
+        if (data_dir.parent / path).is_socket():
+            assert mode & 0o077 == 0, (path, oct(mode))
+        elif (data_dir.parent / path).is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert mode == 0o600, (path, oct(mode))
+
+
+def test_readiness_without_redis_says_unhealthy_and_no_more(tmp_path: Path) -> None:
+    """The seed's contract: each service is exactly "healthy" or "unhealthy"; an answer
+    that needs no key names no file path and quotes no exception."""
+    port = free_port()
+    socket_path = tmp_path / "no-redis-here.sock"
+    env = {
+        **os.environ,
+        "MORAG_REDIS_URL": f"unix://{socket_path}",
+        "MORAG_API_PORT": str(port),
+        "MORAG_API_HOST": "127.0.0.1",
+    }
+    server = ServiceProcess(["api"], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/health") or not server.alive(), 30, "the API")
+        response = httpx.get(f"{base}/health/ready", timeout=5)
+    finally:
+        server.stop()
+    assert response.status_code == 503
+    body = response.json()
+    assert body["services"] == {"redis": "unhealthy", "celery": "unhealthy"}
+    assert body["reasons"] == {"redis": "Redis is unreachable", "celery": "Redis is unreachable"}
+    assert str(tmp_path) not in response.text and "Error" not in response.text
+    assert str(socket_path) in server.log(), "the reason, with its path, is logged instead"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -31,6 +31,7 @@ from morag.api.errors import error_response, install_error_handlers  # noqa: E40
 from morag.api.routes import batches, health, ingest, status  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
+from morag.core.private_files import keep_files_private  # noqa: E402
 from morag.services.ingestion import IngestionService  # noqa: E402
 
 _KIB = 1024
@@ -215,6 +216,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_json)
+    keep_files_private(settings)
     uvicorn.run(
         app,
         host=host or settings.api_host,

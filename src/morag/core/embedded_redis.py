@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 
 from morag.core.errors import ConfigurationError
+from morag.core.private_files import private_directory
 
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 
@@ -65,7 +66,7 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def start(self, timeout: float = 10.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.data_dir)
         self.socket_path.unlink(missing_ok=True)
         command = [
             find_redis_server(),

@@ -32,6 +32,11 @@ MAX_CLIENT_NAME_CHARS = 255
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 
+def _private(path: str, flags: int) -> int:
+    """Open an upload 0600 whatever the process's umask: it is someone's private document."""
+    return os.open(path, flags, 0o600)
+
+
 def safe_client_name(raw: str) -> str:
     """The client's file name without directories, control characters or NUL; may be ``""``."""
     name = unicodedata.normalize("NFC", raw or "")
@@ -190,7 +195,7 @@ class _FormReader:
         """Open, write and close what the callbacks queued (runs in a worker thread)."""
         for part in self.to_open:
             assert part.stored is not None
-            part.handle = open(part.stored.path, "xb")  # noqa: SIM115 - closed below
+            part.handle = open(part.stored.path, "xb", opener=_private)  # noqa: SIM115 - closed below
             self.open_parts.append(part)
         self.to_open.clear()
         for part, chunk in self.to_write:

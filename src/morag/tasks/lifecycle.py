@@ -33,6 +33,7 @@ from celery.exceptions import TimeLimitExceeded
 from morag.core.celery_app import celery_app
 from morag.core.config import MODALITY_QUEUES, settings
 from morag.core.logging import configure_structlog
+from morag.core.private_files import keep_files_private
 from morag.core.redis_conn import get_redis
 from morag.core.sent_events import EVENT_FLUSH_SECONDS, sent_event_batcher
 from morag.services.jobs import TaskStatus, get_job_store, reset_job_stores, utcnow
@@ -48,6 +49,12 @@ def _configure_structlog(loglevel: Any = None, **_: Any) -> None:
     formatted twice (and at warning level)."""
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
     configure_structlog(str(level or settings.log_level), settings.log_json, sys.__stderr__)
+
+
+@signals.worker_init.connect
+def _keep_files_private(**_: Any) -> None:
+    """Uploads, downloads and keyframes this worker writes are 0600 (core/private_files.py)."""
+    keep_files_private(settings)
 
 
 @signals.worker_process_init.connect

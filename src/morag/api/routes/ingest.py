@@ -42,6 +42,7 @@ from morag.api.schemas import (
 )
 from morag.core.config import Settings
 from morag.core.errors import InvalidInputError
+from morag.core.private_files import private_directory
 from morag.services.ingestion import IngestionService, JobSpec, Submission
 from morag.services.uploads import ReceivedForm, StoredFile, receive_form
 
@@ -207,7 +208,7 @@ async def _receive(
     request: Request, settings: Settings, max_files: int, max_field_bytes: int = 0
 ) -> ReceivedForm:
     assert settings.upload_dir is not None
-    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(settings.upload_dir)
     return await receive_form(
         request.headers.get("content-type", ""),
         request.stream(),
