@@ -21,6 +21,12 @@ MODALITY_QUEUES: dict[str, str] = {
 }
 DEFAULT_QUEUE = "celery"
 ALL_QUEUES: tuple[str, ...] = (*MODALITY_QUEUES.values(), DEFAULT_QUEUE)
+#: The task that processes each modality, by name: what the API publishes (it never imports
+#: the tasks) and what ``tasks/<kind>_tasks.py`` declares. The name's module path is the
+#: seed's, and the Celery app routes ``morag.tasks.<kind>_tasks.*`` to the kind's queue.
+PROCESSING_TASKS: dict[str, str] = {
+    kind: f"morag.tasks.{kind}_tasks.process_{kind}_task" for kind in MODALITY_QUEUES
+}
 
 CommaList = Annotated[list[str], NoDecode]
 

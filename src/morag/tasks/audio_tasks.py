@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from morag.core.celery_app import celery_app
 from morag.core.config import settings
 from morag.tasks.options import chunking_options, media_input, processor_limits
-from morag.tasks.processing import ProcessingTask
+from morag.tasks.processing import ProcessingTask, processing_task
 
 
-class AudioTask(ProcessingTask):
-    abstract = True
-    kind = "audio"
-
-
-@celery_app.task(
-    bind=True,
-    base=AudioTask,
-    soft_time_limit=settings.soft_time_limit("audio_processing"),
-    time_limit=settings.hard_time_limit("audio_processing"),
-)
+@processing_task("audio")
 def process_audio_task(
-    self: AudioTask,
+    self: ProcessingTask,
     file_path: str = "",
     metadata: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,

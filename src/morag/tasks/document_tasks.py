@@ -4,25 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from morag.core.celery_app import celery_app
-from morag.core.config import settings
 from morag.tasks.options import chunking_options, input_file, processor_limits
-from morag.tasks.processing import ProcessingTask
+from morag.tasks.processing import ProcessingTask, processing_task
 
 
-class DocumentTask(ProcessingTask):
-    abstract = True
-    kind = "document"
-
-
-@celery_app.task(
-    bind=True,
-    base=DocumentTask,
-    soft_time_limit=settings.soft_time_limit("document_processing"),
-    time_limit=settings.hard_time_limit("document_processing"),
-)
+@processing_task("document")
 def process_document_task(
-    self: DocumentTask,
+    self: ProcessingTask,
     file_path: str,
     source_type: str = "document",
     metadata: dict[str, Any] | None = None,

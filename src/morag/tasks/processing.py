@@ -31,8 +31,8 @@ import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.utils import json as kombu_json
 
-from morag.core.celery_app import BaseTask
-from morag.core.config import MODALITY_QUEUES, settings
+from morag.core.celery_app import BaseTask, celery_app
+from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS, settings
 from morag.core.errors import JobCancelledError, MoragError
 from morag.core.sent_events import sent_event_batcher
 from morag.processors.base import ProcessingResult
@@ -293,7 +293,7 @@ class ProcessingTask(BaseTask):
 
     @property
     def queue_name(self) -> str:
-        return MODALITY_QUEUES.get(self.kind, "celery")
+        return MODALITY_QUEUES.get(self.kind, DEFAULT_QUEUE)
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -430,6 +430,23 @@ class ProcessingTask(BaseTask):
     def log_step(self, step: str, **kwargs: Any) -> None:
         """Log a processing step with the task's id."""
         logger.info(f"task step: {step}", task_id=self.request.id, task_name=self.name, **kwargs)
+
+
+def processing_task(kind: str) -> Callable[[Callable[..., Any]], ProcessingTask]:
+    """Declare a task body as the ``ProcessingTask`` of ``kind`` (a modality, or ``system``
+    for the default queue): its name from ``PROCESSING_TASKS``, its queue's time limits."""
+    queue = MODALITY_QUEUES.get(kind, DEFAULT_QUEUE)
+    options: dict[str, Any] = {}
+    if kind in PROCESSING_TASKS:
+        options["name"] = PROCESSING_TASKS[kind]
+    return celery_app.task(  # type: ignore[no-any-return]
+        bind=True,
+        base=ProcessingTask,
+        kind=kind,
+        soft_time_limit=settings.soft_time_limit(queue),
+        time_limit=settings.hard_time_limit(queue),
+        **options,
+    )
 
 
 def _split_result(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -12,18 +12,12 @@ import os
 import time
 from typing import Any
 
-from morag.core.celery_app import celery_app
 from morag.core.config import settings
 from morag.core.errors import InvalidInputError, TransientError
-from morag.tasks.processing import ProcessingTask
+from morag.tasks.processing import ProcessingTask, processing_task
 
 
-@celery_app.task(
-    bind=True,
-    base=ProcessingTask,
-    soft_time_limit=settings.soft_time_limit("celery"),
-    time_limit=settings.hard_time_limit("celery"),
-)
+@processing_task("system")
 def probe(
     self: ProcessingTask,
     steps: int = 0,

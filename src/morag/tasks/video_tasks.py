@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from morag.core.celery_app import celery_app
 from morag.core.config import settings
 from morag.tasks.options import chunking_options, media_input, processor_limits
-from morag.tasks.processing import ProcessingTask
+from morag.tasks.processing import ProcessingTask, processing_task
 
 
-class VideoTask(ProcessingTask):
-    abstract = True
-    kind = "video"
-
-
-@celery_app.task(
-    bind=True,
-    base=VideoTask,
-    soft_time_limit=settings.soft_time_limit("video_processing"),
-    time_limit=settings.hard_time_limit("video_processing"),
-)
+@processing_task("video")
 def process_video_task(
-    self: VideoTask,
+    self: ProcessingTask,
     file_path: str = "",
     metadata: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from morag.core.celery_app import celery_app
 from morag.core.config import settings
 from morag.tasks.options import chunking_options, processor_limits
-from morag.tasks.processing import ProcessingTask
+from morag.tasks.processing import ProcessingTask, processing_task
 
 
-class WebTask(ProcessingTask):
-    abstract = True
-    kind = "web"
-
-
-@celery_app.task(
-    bind=True,
-    base=WebTask,
-    soft_time_limit=settings.soft_time_limit("web_processing"),
-    time_limit=settings.hard_time_limit("web_processing"),
-)
+@processing_task("web")
 def process_web_task(
-    self: WebTask,
+    self: ProcessingTask,
     url: str,
     metadata: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
