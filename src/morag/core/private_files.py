@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
-from morag.core.config import Settings
+if TYPE_CHECKING:  # importing config builds the process's settings: not at import time here
+    from morag.core.config import Settings
 
 logger = structlog.get_logger(__name__)
 
