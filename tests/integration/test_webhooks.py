@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
+from morag.core.celery_app import celery_app
 from morag.core.config import settings
 from morag.core.redis_conn import get_redis
 from morag.core.url_guard import UrlPolicy
+from morag.services.ingestion.publisher import JobPublisher
 from morag.services.jobs import TaskStatus, get_job_store
 from morag.services.task_manager import task_manager
 from morag.services.webhooks import OutboxEntry, WebhookOutbox, WebhookSender, message_id
@@ -44,7 +46,8 @@ def signing(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def submit(url: str, **kwargs: Any) -> str:
-    return probe.submit(kwargs=kwargs, extra={"webhook_url": url})
+    publisher = JobPublisher(get_job_store(), celery_app)
+    return publisher.send(probe.name, kind="system", kwargs=kwargs, extra={"webhook_url": url})
 
 
 def webhook_events(task_id: str) -> list[dict[str, Any]]:
@@ -82,7 +85,7 @@ def test_every_final_transition_owes_exactly_one_webhook() -> None:
         return task_id
 
     def owed() -> list[tuple[str, str]]:
-        entries = [json.loads(e) for e in outbox.lrange(store.outbox_key, 0, -1)]
+        entries = [json.loads(e) for e in outbox.lrange(store.keys.webhook_outbox, 0, -1)]
         return [(e["task_id"], e["state"]) for e in entries]
 
     claim = {"worker": "w", "lease_seconds": 30, "max_attempts": 3}
@@ -100,7 +103,7 @@ def test_every_final_transition_owes_exactly_one_webhook() -> None:
     running = new()  # cancel requested while running, its process died: the next start ends it
     store.start(running, **claim)
     assert store.request_cancel(running).outcome == "cancelling"
-    store.redis.delete(store.lease_key(running))
+    store.redis.delete(store.keys.lease(running))
     assert store.start(running, **claim).outcome == "cancelled"
 
     assert owed() == [
@@ -109,7 +112,7 @@ def test_every_final_transition_owes_exactly_one_webhook() -> None:
         (exhausted, "failure"),
         (running, "revoked"),
     ]
-    entry = json.loads(outbox.lindex(store.outbox_key, 0))
+    entry = json.loads(outbox.lindex(store.keys.webhook_outbox, 0))
     assert entry["ts"] == store.get(done).finished_at.isoformat()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from celery import Celery
 from morag.core.celery_app import create_celery_app
 from morag.core.config import Settings
 from morag.core.redis_conn import get_redis
+from morag.services.ingestion.publisher import JobPublisher
 from morag.services.jobs import FINAL_STATES, JobStore, TaskInfo, TaskStatus
 
 PROBE = "morag.tasks.system_tasks.probe"
@@ -47,33 +47,19 @@ class Submitter:
         self.settings = cfg
         self.app: Celery = create_celery_app(cfg)
         self.store = JobStore(get_redis(cfg.redis_url), cfg.key_prefix, 3600)
+        self.publisher = JobPublisher(self.store, self.app)
 
     def submit(
         self,
         name: str = PROBE,
         *,
         kind: str = "system",
-        queue: str = "celery",
         kwargs: dict[str, Any] | None = None,
         extra: dict[str, str] | None = None,
         **options: Any,
     ) -> str:
         """Write the record (``extra``: record fields such as ``webhook_url``), then send."""
-        task_id = str(uuid.uuid4())
-        kwargs = kwargs or {}
-        inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
-        self.store.create(
-            task_id,
-            kind=kind,
-            queue=queue,
-            task_name=name,
-            input=inputs or {"args": []},
-            metadata=kwargs.get("metadata") or {},
-            # as the API does: what the message carries, to queue it again if it is lost
-            extra={"submission": json.dumps({"task": name, "kwargs": kwargs}), **(extra or {})},
-        )
-        self.app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue, **options)
-        return task_id
+        return self.publisher.send(name, kind=kind, kwargs=kwargs or {}, extra=extra, **options)
 
     def probe(self, **kwargs: Any) -> str:
         return self.submit(PROBE, kwargs=kwargs)
@@ -122,7 +108,7 @@ def histories(store: JobStore, ids: list[str]) -> dict[str, list[dict[str, Any]]
         chunk = ids[start : start + 500]
         pipe = store.redis.pipeline(transaction=False)
         for task_id in chunk:
-            pipe.lrange(store.history_key(task_id), 0, -1)
+            pipe.lrange(store.keys.history(task_id), 0, -1)
         for task_id, raw in zip(chunk, pipe.execute(), strict=True):
             result[task_id] = [json.loads(item) for item in raw]
     return result

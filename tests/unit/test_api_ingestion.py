@@ -16,12 +16,12 @@ from morag.core.errors import (
     LimitExceededError,
     UnsupportedFormatError,
 )
-from morag.services.ingestion import IngestionService, normalise_url
+from morag.services.ingestion import SubmissionChecks, normalise_url
 from morag.services.uploads import StoredFile
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> IngestionService:
+def service(tmp_path: Path) -> SubmissionChecks:
     cfg = Settings(
         _env_file=None,
         data_dir=tmp_path,
@@ -30,7 +30,7 @@ def service(tmp_path: Path) -> IngestionService:
         chunk_overlap_tokens=32,
         ssrf_allow=[],
     )
-    return IngestionService(cfg)
+    return SubmissionChecks(cfg)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_different_urls_stay_different() -> None:
     assert normalise_url("https://example.com/a?x=1") != normalise_url("https://example.com/a")
 
 
-def test_options_get_server_defaults_and_are_checked(service: IngestionService) -> None:
+def test_options_get_server_defaults_and_are_checked(service: SubmissionChecks) -> None:
     assert service.check_options(None) == {"chunk_size_tokens": 256, "chunk_overlap_tokens": 32}
     assert service.check_options({"chunk_size_tokens": 64, "chunk_overlap_tokens": None}) == {
         "chunk_size_tokens": 64,
@@ -61,7 +61,7 @@ def test_options_get_server_defaults_and_are_checked(service: IngestionService) 
     assert raised.value.details["field"] == "options.chunk_overlap_tokens"
 
 
-def test_metadata_must_be_a_small_json_object(service: IngestionService) -> None:
+def test_metadata_must_be_a_small_json_object(service: SubmissionChecks) -> None:
     assert service.parse_metadata(None) == {} and service.parse_metadata("  ") == {}
     assert service.parse_metadata('{"a": [1, 2]}') == {"a": [1, 2]}
     with pytest.raises(InvalidInputError, match="not valid JSON"):
@@ -73,7 +73,7 @@ def test_metadata_must_be_a_small_json_object(service: IngestionService) -> None
     assert raised.value.details["max_bytes"] == 100
 
 
-def test_url_submissions(service: IngestionService) -> None:
+def test_url_submissions(service: SubmissionChecks) -> None:
     spec = service.prepare_url(
         "https://example.com/a#x", metadata={"k": 1}, webhook_url="https://hooks.example.com/in"
     )
@@ -122,7 +122,7 @@ def _stored(tmp_path: Path, content: bytes, name: str) -> StoredFile:
     return StoredFile("file", path, name, len(content), "0" * 64)
 
 
-def test_file_kinds_come_from_the_bytes(service: IngestionService, tmp_path: Path) -> None:
+def test_file_kinds_come_from_the_bytes(service: SubmissionChecks, tmp_path: Path) -> None:
     text = _stored(tmp_path, b"# Title\n\nbody\n", "a.md")
     spec = service.prepare_file(text, metadata={"filename": "spoofed", "k": 1})
     assert spec.kind == "document" and spec.kwargs["source_type"] == "document"

@@ -2,7 +2,7 @@
 
 Middleware, outermost first: one structured log line per request; CORS (when
 ``cors_origins`` is set); the request-body size limit (413 in the one error shape); the
-fast path of plain status reads (routes/status.py).
+fast paths of plain status reads and URL submissions (api/fast_paths.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import structlog  # noqa: E402
+from celery import Celery  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from starlette.datastructures import Headers  # noqa: E402
@@ -28,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
+from morag.api.fast_paths import install_fast_paths  # noqa: E402
 from morag.api.routes import batches, health, ingest, status  # noqa: E402
+from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
 from morag.core.private_files import keep_files_private  # noqa: E402
@@ -169,7 +172,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.ingestion.aclose()
 
 
-def create_app(cfg: Settings = settings) -> FastAPI:
+def create_app(
+    cfg: Settings = settings, *, celery: Celery | None = None, fast_paths: bool = True
+) -> FastAPI:
+    """The API for these settings; it publishes through ``celery`` (default: an app of its
+    own, built from ``cfg``). ``fast_paths=False`` leaves every request to the routes (the
+    tests compare both)."""
     app = FastAPI(
         title="morag",
         version="0.1.0",
@@ -181,15 +189,15 @@ def create_app(cfg: Settings = settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = cfg
-    app.state.ingestion = IngestionService(cfg)
+    app.state.ingestion = IngestionService(cfg, celery or create_celery_app(cfg))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(status.router)
     app.include_router(batches.router)
     # add_middleware wraps: the last added is the outermost.
-    app.add_middleware(status.StatusReadFastPath)
-    app.add_middleware(ingest.UrlSubmissionFastPath)
+    if fast_paths:
+        install_fast_paths(app)
     app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
     if cfg.cors_origins:
         app.add_middleware(
@@ -209,7 +217,7 @@ def create_app(cfg: Settings = settings) -> FastAPI:
     return app
 
 
-app = create_app()
+app = create_app(settings, celery=celery_app)
 
 
 def serve(host: str | None = None, port: int | None = None) -> None:

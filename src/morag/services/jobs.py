@@ -5,16 +5,7 @@ id that was never submitted (no record) is told apart from a queued one. Workers
 it through its states with Lua scripts, so every transition is atomic, appends one
 event to the job's history list and publishes it for live followers (SSE, webhooks)
 in a single round trip. The first final state wins; progress never goes backwards.
-
-Keys, under ``<prefix>:``::
-
-    job:<id>            hash: the record
-    job:<id>:history    list: JSON events, newest last
-    job:<id>:result     string: the full result (JSON), kept as long as the record
-    job:<id>:lease      string with TTL: held while a process runs the job
-    jobs                sorted set: id -> creation time (listing)
-    events:<id>         pub/sub channel of the job's events
-    webhooks:outbox     list: webhooks owed by final transitions (services/webhooks.py)
+Its keys are named in core/keys.py.
 """
 
 from __future__ import annotations
@@ -28,6 +19,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import redis
+from kombu.utils import json as kombu_json
+
+from morag.core.keys import RedisKeys
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -430,7 +424,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, prefix: str, retention_seconds: int) -> None:
         self.redis = client
-        self.prefix = prefix
+        self.keys = RedisKeys(prefix)
         self.retention_seconds = retention_seconds
         self._create = client.register_script(_CREATE)
         self._start = client.register_script(_START)
@@ -440,31 +434,6 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._keep_lease = client.register_script(_KEEP_LEASE)
         self._event = client.register_script(_EVENT)
-
-    # -- keys -----------------------------------------------------------------------------
-    def job_key(self, task_id: str) -> str:
-        return f"{self.prefix}:job:{task_id}"
-
-    def history_key(self, task_id: str) -> str:
-        return f"{self.prefix}:job:{task_id}:history"
-
-    def result_key(self, task_id: str) -> str:
-        return f"{self.prefix}:job:{task_id}:result"
-
-    def lease_key(self, task_id: str) -> str:
-        return f"{self.prefix}:job:{task_id}:lease"
-
-    def channel(self, task_id: str) -> str:
-        return f"{self.prefix}:events:{task_id}"
-
-    @property
-    def index_key(self) -> str:
-        return f"{self.prefix}:jobs"
-
-    @property
-    def outbox_key(self) -> str:
-        """Webhooks owed by final transitions, oldest first (services/webhooks.py)."""
-        return f"{self.prefix}:webhooks:outbox"
 
     # -- writes ---------------------------------------------------------------------------
     def create(
@@ -499,10 +468,10 @@ class JobStore:
         }
         flat = [item for pair in fields.items() for item in pair]
         keys = [
-            self.job_key(task_id),
-            self.history_key(task_id),
-            self.index_key,
-            self.channel(task_id),
+            self.keys.job(task_id),
+            self.keys.history(task_id),
+            self.keys.job_index,
+            self.keys.channel(task_id),
         ]
         if dedupe_key:
             keys.append(dedupe_key)
@@ -514,13 +483,44 @@ class JobStore:
                 now.timestamp(),
                 "take_over" if take_over else "join",
                 self.retention_seconds,
-                self.job_key(""),
+                self.keys.job(""),
                 *flat,
             ],
         )
         if answer == 0:
             return None
         return task_id if answer == 1 else _s(answer)
+
+    def create_submitted(
+        self,
+        task_id: str,
+        *,
+        task_name: str,
+        kind: str,
+        queue: str,
+        kwargs: dict[str, Any],
+        args: Any = (),
+        extra: dict[str, str] | None = None,
+        dedupe_key: str | None = None,
+        take_over: bool = False,
+    ) -> str | None:
+        """``create`` for a task message about to be published: the record keeps what the
+        message carries (``submission``, in kombu's JSON, the message's own types), so a
+        job whose message the broker lost can be queued again (services/recovery.py), and
+        a failed one retried."""
+        inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
+        submission = kombu_json.dumps({"task": task_name, "args": list(args), "kwargs": kwargs})
+        return self.create(
+            task_id,
+            kind=kind,
+            queue=queue,
+            task_name=task_name,
+            input=inputs or {"args": list(args)},
+            metadata=kwargs.get("metadata") or {},
+            extra={"submission": submission, **(extra or {})},
+            dedupe_key=dedupe_key,
+            take_over=take_over,
+        )
 
     def start(
         self,
@@ -535,11 +535,11 @@ class JobStore:
         """Claim the job for one run: ok, or why it must not run (final, cancelled, busy…)."""
         outcome, detail = self._start(
             keys=[
-                self.job_key(task_id),
-                self.history_key(task_id),
-                self.lease_key(task_id),
-                self.channel(task_id),
-                self.outbox_key,
+                self.keys.job(task_id),
+                self.keys.history(task_id),
+                self.keys.lease(task_id),
+                self.keys.channel(task_id),
+                self.keys.webhook_outbox,
             ],
             args=[
                 _iso(utcnow()),
@@ -568,10 +568,10 @@ class JobStore:
         stop:<state> (record is final)."""
         answer = self._progress(
             keys=[
-                self.job_key(task_id),
-                self.history_key(task_id),
-                self.lease_key(task_id),
-                self.channel(task_id),
+                self.keys.job(task_id),
+                self.keys.history(task_id),
+                self.keys.lease(task_id),
+                self.keys.channel(task_id),
             ],
             args=[
                 _iso(at or utcnow()),
@@ -610,12 +610,12 @@ class JobStore:
             ]
         outcome, final_state = self._finish(
             keys=[
-                self.job_key(task_id),
-                self.history_key(task_id),
-                self.lease_key(task_id),
-                self.channel(task_id),
-                self.result_key(task_id),
-                self.outbox_key,
+                self.keys.job(task_id),
+                self.keys.history(task_id),
+                self.keys.lease(task_id),
+                self.keys.channel(task_id),
+                self.keys.result(task_id),
+                self.keys.webhook_outbox,
             ],
             args=[
                 _iso(utcnow()),
@@ -645,10 +645,10 @@ class JobStore:
         return bool(
             self._retry(
                 keys=[
-                    self.job_key(task_id),
-                    self.history_key(task_id),
-                    self.lease_key(task_id),
-                    self.channel(task_id),
+                    self.keys.job(task_id),
+                    self.keys.history(task_id),
+                    self.keys.lease(task_id),
+                    self.keys.channel(task_id),
                 ],
                 args=[_iso(utcnow()), message, error_type, error_message, worker, _iso(retry_at)],
             )
@@ -658,10 +658,10 @@ class JobStore:
         """Flag the job cancelled: missing | final | revoked (was queued) | cancelling."""
         outcome, state = self._cancel(
             keys=[
-                self.job_key(task_id),
-                self.history_key(task_id),
-                self.channel(task_id),
-                self.outbox_key,
+                self.keys.job(task_id),
+                self.keys.history(task_id),
+                self.keys.channel(task_id),
+                self.keys.webhook_outbox,
             ],
             args=[_iso(utcnow()), self.retention_seconds],
         )
@@ -677,7 +677,11 @@ class JobStore:
         """
         return bool(
             self._event(
-                keys=[self.job_key(task_id), self.history_key(task_id), self.channel(task_id)],
+                keys=[
+                    self.keys.job(task_id),
+                    self.keys.history(task_id),
+                    self.keys.channel(task_id),
+                ],
                 args=[_iso(utcnow()), stage, message, json.dumps(extra or {})],
             )
         )
@@ -687,36 +691,36 @@ class JobStore:
         other | gone. Taking it back matters when a Redis outage outlasted the lease:
         otherwise recovery would hand the still-running job to a second process."""
         answer = self._keep_lease(
-            keys=[self.lease_key(task_id), self.job_key(task_id)],
+            keys=[self.keys.lease(task_id), self.keys.job(task_id)],
             args=[worker, int(lease_seconds * 1000)],
         )
         return _s(answer)
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskInfo | None:
-        raw: dict[bytes, bytes] = self.redis.hgetall(self.job_key(task_id))  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job(task_id))  # type: ignore[assignment]
         return TaskInfo.from_hash(raw) if raw else None
 
     async def aget(self, client: aioredis.Redis, task_id: str) -> TaskInfo | None:
         """``get`` through an asyncio client: one round trip, no thread for the API."""
-        raw: dict[bytes, bytes] = await client.hgetall(self.job_key(task_id))  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = await client.hgetall(self.keys.job(task_id))  # type: ignore[assignment]
         return TaskInfo.from_hash(raw) if raw else None
 
     def get_many(self, task_ids: Iterable[str]) -> list[TaskInfo | None]:
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hgetall(self.job_key(task_id))
+            pipe.hgetall(self.keys.job(task_id))
         return [TaskInfo.from_hash(raw) if raw else None for raw in pipe.execute()]
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.redis.lrange(self.history_key(task_id), 0, -1)]
+        return [json.loads(item) for item in self.redis.lrange(self.keys.history(task_id), 0, -1)]
 
     def result(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(self.result_key(task_id))
+        raw = self.redis.get(self.keys.result(task_id))
         return json.loads(raw) if raw else None
 
     def has_lease(self, task_id: str) -> bool:
-        return bool(self.redis.exists(self.lease_key(task_id)))
+        return bool(self.redis.exists(self.keys.lease(task_id)))
 
     def list_ids(
         self,
@@ -731,15 +735,17 @@ class JobStore:
         low = start or "-inf"
         high = end or "+inf"
         if newest_first:
-            ids = self.redis.zrevrangebyscore(self.index_key, high, low, start=offset, num=count)
+            ids = self.redis.zrevrangebyscore(
+                self.keys.job_index, high, low, start=offset, num=count
+            )
         else:
-            ids = self.redis.zrangebyscore(self.index_key, low, high, start=offset, num=count)
+            ids = self.redis.zrangebyscore(self.keys.job_index, low, high, start=offset, num=count)
         return [_s(i) for i in ids]  # type: ignore[arg-type]
 
     def prune_index(self) -> int:
         """Drop index entries older than the retention (their records have expired)."""
         cutoff = time.time() - self.retention_seconds
-        return int(self.redis.zremrangebyscore(self.index_key, "-inf", cutoff))
+        return int(self.redis.zremrangebyscore(self.keys.job_index, "-inf", cutoff))
 
 
 _stores: dict[tuple[str, str], JobStore] = {}

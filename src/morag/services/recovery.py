@@ -136,7 +136,7 @@ class RecoveryLoop:
         ]
         if not waiting:
             return []
-        lock = f"{self.store.prefix}:recovery:lost-sweep"
+        lock = self.store.keys.lost_sweep_lock
         if not self.store.redis.set(lock, "1", nx=True, px=int(self.grace_seconds * 1000)):
             return []  # another worker is sweeping
         with self.app.connection_for_write() as conn:
@@ -148,7 +148,7 @@ class RecoveryLoop:
         return [info.task_id for info in lost]
 
     def _queue_again(self, info: TaskInfo) -> None:
-        raw = self.store.redis.hget(self.store.job_key(info.task_id), "submission")
+        raw = self.store.redis.hget(self.store.keys.job(info.task_id), "submission")
         submission = kombu_json.loads(raw) if raw else None
         if not submission or not submission.get("task"):
             message = (

@@ -25,7 +25,6 @@ from morag.services.jobs import (
     Outcome,
     TaskInfo,
     TaskStatus,
-    get_job_store,
 )
 from morag.services.workers import WorkerRegistry
 
@@ -60,19 +59,16 @@ def status_from_celery_state(state: str) -> TaskStatus:
 class TaskManager:
     """Manages task lifecycle and status tracking."""
 
-    def __init__(self, app: Celery = celery_app, cfg: Settings = settings) -> None:
+    def __init__(
+        self, app: Celery = celery_app, cfg: Settings = settings, store: JobStore | None = None
+    ) -> None:
         self.celery_app = app
         self.settings = cfg
+        self.redis = get_redis(cfg.redis_url)
+        self.store = store or JobStore(self.redis, cfg.key_prefix, cfg.result_retention_seconds)
+        self.registry = WorkerRegistry(self.redis, cfg.key_prefix)
         self._inspect_lock = threading.Lock()
         self._inspect_cache: dict[str, tuple[float, Any]] = {}
-
-    @property
-    def store(self) -> JobStore:
-        return get_job_store(self.settings)
-
-    @property
-    def registry(self) -> WorkerRegistry:
-        return WorkerRegistry(get_redis(self.settings.redis_url), self.settings.key_prefix)
 
     # -- status -----------------------------------------------------------------------------
     def get_task_status(self, task_id: str) -> TaskInfo:
@@ -153,9 +149,8 @@ class TaskManager:
 
     def queue_lengths(self) -> dict[str, int]:
         """Messages waiting on each queue, counted on the broker (priority lists included)."""
-        client = get_redis(self.settings.redis_url)
         ns = self.settings.broker_namespace
-        pipe = client.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for queue in ALL_QUEUES:
             pipe.llen(f"{ns}{queue}")
             for step in _PRIORITY_STEPS:
@@ -169,9 +164,7 @@ class TaskManager:
 
     def in_flight(self) -> int:
         """Messages delivered to workers and not yet acknowledged (running or reserved)."""
-        return int(
-            get_redis(self.settings.redis_url).hlen(f"{self.settings.broker_namespace}unacked")
-        )
+        return int(self.redis.hlen(f"{self.settings.broker_namespace}unacked"))
 
     def get_queue_stats(self, *, include_active: bool = True) -> dict[str, Any]:
         """Pending messages, consumers and workers per queue, in-flight and active work."""

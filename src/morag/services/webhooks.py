@@ -47,6 +47,7 @@ import structlog
 from standardwebhooks import Webhook
 
 from morag.core.errors import ForbiddenTargetError, InvalidInputError, MoragError
+from morag.core.keys import RedisKeys
 from morag.core.url_guard import PostResult, UrlPolicy, post, validate_url
 from morag.services.jobs import JobStore, TaskInfo, TaskStatus, utcnow
 
@@ -200,10 +201,11 @@ class WebhookOutbox:
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.redis = client
-        self.outbox_key = f"{prefix}:webhooks:outbox"  # the key JobStore.outbox_key names
-        self.inflight_key = f"{prefix}:webhooks:inflight"
-        self.scheduled_key = f"{prefix}:webhooks:scheduled"
-        self.counter_key = f"{prefix}:webhooks:claims"
+        keys = RedisKeys(prefix)
+        self.outbox_key = keys.webhook_outbox  # where final transitions queue webhooks
+        self.inflight_key = keys.webhook_inflight
+        self.scheduled_key = keys.webhook_scheduled
+        self.counter_key = keys.webhook_claims
         self._claim = client.register_script(_CLAIM)
         self._settle = client.register_script(_SETTLE)
 
@@ -263,11 +265,10 @@ class WebhookSender:
         self.cfg = cfg
         self.policy = policy or UrlPolicy.from_settings(cfg)
 
-    def _done_key(self, task_id: str) -> str:
-        return f"{self.store.prefix}:webhooks:done:{task_id}"
-
     def _end(self, task_id: str) -> None:
-        self.store.redis.set(self._done_key(task_id), "1", ex=self.store.retention_seconds)
+        self.store.redis.set(
+            self.store.keys.webhook_done(task_id), "1", ex=self.store.retention_seconds
+        )
 
     def _record(self, task_id: str, message: str, **extra: Any) -> None:
         self.store.append_event(task_id, stage="webhook", message=message, extra=extra)
@@ -276,7 +277,7 @@ class WebhookSender:
         """Make attempt number ``entry.attempt`` at the job's webhook."""
         task_id, state, attempt = entry.task_id, entry.state, entry.attempt
         log = logger.bind(task_id=task_id, event_state=state, attempt=attempt)
-        if self.store.redis.exists(self._done_key(task_id)):
+        if self.store.redis.exists(self.store.keys.webhook_done(task_id)):
             return DeliveryResult("skipped")
         info = self.store.get(task_id)
         if info is None or not info.webhook_url or state not in EVENT_TYPES:

@@ -14,6 +14,8 @@ from typing import Any
 
 import redis
 
+from morag.core.keys import RedisKeys
+
 
 @dataclass
 class WorkerInfo:
@@ -28,21 +30,18 @@ class WorkerInfo:
 class WorkerRegistry:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.redis = client
-        self.prefix = prefix
-
-    def _key(self, hostname: str) -> str:
-        return f"{self.prefix}:worker:{hostname}"
+        self.keys = RedisKeys(prefix)
 
     def announce(self, info: WorkerInfo, ttl_seconds: float) -> None:
         self.redis.set(
-            self._key(info.hostname), json.dumps(asdict(info)), px=int(ttl_seconds * 1000)
+            self.keys.worker(info.hostname), json.dumps(asdict(info)), px=int(ttl_seconds * 1000)
         )
 
     def withdraw(self, hostname: str) -> None:
-        self.redis.delete(self._key(hostname))
+        self.redis.delete(self.keys.worker(hostname))
 
     def live_workers(self) -> list[WorkerInfo]:
-        keys = list(self.redis.scan_iter(match=self._key("*"), count=500))
+        keys = list(self.redis.scan_iter(match=self.keys.worker("*"), count=500))
         if not keys:
             return []
         return [WorkerInfo(**json.loads(raw)) for raw in self.redis.mget(keys) if raw]

@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from kombu.utils import json as kombu_json
 
 from morag.core.celery_app import BaseTask, celery_app
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS, settings
@@ -235,60 +234,14 @@ class ProcessingTask(BaseTask):
         options.setdefault("event_dispatcher", sent_event_batcher(self.app))
         return super().apply_async(args, kwargs, task_id=task_id, **options)
 
-    def submit(
-        self,
-        *,
-        kwargs: dict[str, Any],
-        extra: dict[str, str] | None = None,
-        task_id: str | None = None,
-        dedupe_key: str | None = None,
-        take_over: bool = False,
-    ) -> str:
-        """Create the record (with API fields such as batch id, webhook) and publish.
-
-        Returns the id of the job doing the work: this one, or, with ``dedupe_key``, the
-        active job that already holds that key (then nothing is published; see
-        ``JobStore.create``).
-        """
-        task_id = task_id or str(uuid.uuid4())
-        owner = self.create_job_record(
-            task_id, (), kwargs, extra=extra, dedupe_key=dedupe_key, take_over=take_over
-        )
-        if owner is not None and owner != task_id:
-            return owner  # identical work is active: that job does it
-        super().apply_async(
-            (), kwargs, task_id=task_id, event_dispatcher=sent_event_batcher(self.app)
-        )
-        return task_id
-
-    def create_job_record(
-        self,
-        task_id: str,
-        args: Any,
-        kwargs: dict[str, Any],
-        extra: dict[str, str] | None = None,
-        dedupe_key: str | None = None,
-        take_over: bool = False,
-    ) -> str | None:
-        inputs = {k: v for k, v in kwargs.items() if k in ("file_path", "url", "source_type")}
-        extra = dict(extra or {})
-        if "submission" not in extra:  # the API writes its own
-            # What the message carries, so a job whose message the broker lost can be
-            # queued again (services/recovery.py). kombu's JSON: the same types as the
-            # message itself (datetimes, UUIDs...).
-            extra["submission"] = kombu_json.dumps(
-                {"task": self.name, "args": list(args), "kwargs": kwargs}
-            )
-        return get_job_store().create(
+    def create_job_record(self, task_id: str, args: Any, kwargs: dict[str, Any]) -> str | None:
+        return get_job_store().create_submitted(
             task_id,
+            task_name=self.name,
             kind=self.kind,
             queue=self.queue_name,
-            task_name=self.name,
-            input=inputs or {"args": list(args)},
-            metadata=kwargs.get("metadata") or {},
-            extra=extra,
-            dedupe_key=dedupe_key,
-            take_over=take_over,
+            kwargs=kwargs,
+            args=args,
         )
 
     @property

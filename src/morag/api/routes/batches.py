@@ -24,4 +24,4 @@ def get_batch(
 ) -> dict[str, Any]:
     """Jobs per state, how many finished, and the batch's progress (finished jobs count as
     complete, running ones by their own progress)."""
-    return service.batch_status(batch_id)
+    return service.reads.batch_status(batch_id)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import redis
 import structlog
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from morag.core.config import ALL_QUEUES, settings
-from morag.services.task_manager import task_manager
+from morag.core.config import ALL_QUEUES, Settings
+from morag.services.task_manager import TaskManager
 
 logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["health"])
@@ -38,7 +38,7 @@ def liveness() -> dict[str, str]:
 
 
 @router.get("/health/ready", responses={503: {"description": "not ready"}})
-def readiness() -> JSONResponse:
+def readiness(request: Request) -> JSONResponse:
     """Redis reachable and every queue consumed by at least one live worker.
 
     ``services`` keeps the seed's contract: ``redis`` and ``celery`` are each exactly
@@ -47,6 +47,8 @@ def readiness() -> JSONResponse:
     text or a file path (a Redis URL may be a socket path in the user's home): those are
     logged.
     """
+    settings: Settings = request.app.state.settings
+    task_manager: TaskManager = request.app.state.ingestion.task_manager
     services = {"redis": "healthy", "celery": "unhealthy"}
     reasons: dict[str, str] = {}
     workers: list[str] = []

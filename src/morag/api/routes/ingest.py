@@ -1,6 +1,6 @@
 """Submitting work: a file, a URL, a batch; cancelling and retrying a job.
 
-Routes stay thin: they read the request, call ``IngestionService`` (services/ingestion.py)
+Routes stay thin: they read the request, call the ingestion parts (services/ingestion/)
 and shape the answer. Multipart bodies are read by ``services/uploads.py``, which streams
 files into the upload directory, so these routes declare their form bodies in
 ``openapi_extra`` rather than as FastAPI ``File``/``Form`` parameters (those would spool
@@ -9,16 +9,12 @@ every upload to a temporary file first).
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from morag.api.deps import (
     IdempotencyKey,
@@ -26,7 +22,6 @@ from morag.api.deps import (
     ServiceDep,
     SettingsDep,
     authenticate,
-    scope_principal,
 )
 from morag.api.errors import error_responses
 from morag.api.schemas import (
@@ -148,23 +143,25 @@ def _fields(model: type[FileFields], form: ReceivedForm) -> FileFields:
         ) from None
 
 
-def _status_location(task_id: str) -> str:
-    """Where a submitted job's status is read (the ``Location`` of a 202)."""
-    return f"/api/v1/status/{task_id}"
+def accepted_headers(submission: Submission) -> dict[str, str]:
+    """The headers of a 202 for a submission: where its status is read, and whether it was
+    answered from an earlier request's Idempotency-Key."""
+    headers = {"Location": f"/api/v1/status/{submission.task_id}"}
+    if submission.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return headers
 
 
 def _accepted(response: Response, request: Request, submission: Submission) -> None:
-    response.headers["Location"] = _status_location(submission.task_id)
-    if submission.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+    response.headers.update(accepted_headers(submission))
     request.state.task_id = submission.task_id
 
 
-def _prepare_url(
+def prepare_url(
     service: IngestionService, body: UrlIngestRequest, field_prefix: str = ""
 ) -> JobSpec:
     """``prepare_url`` for one URL request body (the route, its fast path, batch items)."""
-    return service.prepare_url(
+    return service.checks.prepare_url(
         body.url,
         source_type=body.source_type,
         metadata=body.metadata,
@@ -184,12 +181,12 @@ def _file_options(fields: FileFields) -> dict[str, Any]:
 def _prepare_files(
     service: IngestionService, files: list[StoredFile], fields: FileFields
 ) -> list[JobSpec]:
-    metadata = service.parse_metadata(fields.metadata)
+    metadata = service.checks.parse_metadata(fields.metadata)
     specs = []
     for stored in files:
         try:
             specs.append(
-                service.prepare_file(
+                service.checks.prepare_file(
                     stored,
                     source_type=fields.source_type,
                     metadata=metadata,
@@ -247,7 +244,7 @@ async def ingest_file(
             )
         spec = (await run_in_threadpool(_prepare_files, service, uploads, fields))[0]
         submission = await run_in_threadpool(
-            service.submit, spec, principal=principal, idempotency_key=idempotency_key
+            service.submissions.submit, spec, principal=principal, idempotency_key=idempotency_key
         )
     except BaseException:
         form.discard()
@@ -277,121 +274,14 @@ async def ingest_url(
     ``source_type`` audio or video the worker downloads the media (through the same guard)
     and processes it like an upload."""
     # prepare_url does no I/O (the guard checks without DNS), so it runs in the loop.
-    spec = _prepare_url(service, body)
-    submission = await service.asubmit(spec, principal=principal, idempotency_key=idempotency_key)
+    spec = prepare_url(service, body)
+    submission = await service.submissions.asubmit(
+        spec, principal=principal, idempotency_key=idempotency_key
+    )
     _accepted(response, request, submission)
     return SubmissionResponse(
         task_id=submission.task_id, status=submission.status, message=submission.message
     )
-
-
-class UrlSubmissionFastPath:
-    """Answers ``POST /api/v1/ingest/url`` in its plain case without FastAPI's per-request
-    routing, dependency solving and response validation, which cost a third of a
-    submission's CPU in the API process (bench row 2).
-
-    The plain case: a JSON body, no Idempotency-Key, a key that passes ``scope_principal``,
-    a body that ``UrlIngestRequest`` and ``prepare_url`` accept as they do for the route.
-    Anything else goes on to ``ingest_url`` with the body it sent, so every refusal keeps
-    its shape. Once the submission has begun it is answered here, its errors by the app's
-    own exception handlers (a second attempt through the route could queue twice).
-    ``create_app`` installs it innermost: the log line, CORS and the body limit still apply.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.path = router.prefix + "/url"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] != self.path
-            or scope.get("root_path")  # served under a root path: the route as usual
-        ):
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        try:
-            body = await _read_body(receive)
-        except Exception as exc:  # a body over the limit: 413, as the route answers it
-            await (await _handled(scope, exc))(scope, receive, send)
-            return
-        spec, principal = self._plain_submission(scope, headers, body)
-        if spec is None:
-            await self.app(scope, _replay(body, receive), send)
-            return
-        service: IngestionService = scope["app"].state.ingestion
-        try:
-            submission = await service.asubmit(spec, principal=principal)
-        except Exception as exc:
-            response = await _handled(scope, exc)
-        else:
-            scope.setdefault("state", {})["task_id"] = submission.task_id  # for the log line
-            response = JSONResponse(
-                SubmissionResponse(
-                    task_id=submission.task_id,
-                    status=submission.status,
-                    message=submission.message,
-                ).model_dump(mode="json"),
-                status_code=202,
-                headers={"Location": _status_location(submission.task_id)},
-            )
-        await response(scope, receive, send)
-
-    @staticmethod
-    def _plain_submission(
-        scope: Scope, headers: Headers, body: bytes
-    ) -> tuple[JobSpec | None, str]:
-        """The checked submission, or None when the route must answer."""
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json" or "idempotency-key" in headers:
-            return None, ""
-        principal = scope_principal(scope)
-        if principal is None:
-            return None, ""
-        try:
-            request = UrlIngestRequest.model_validate(json.loads(body))  # as FastAPI does
-            spec = _prepare_url(scope["app"].state.ingestion, request)
-        except Exception:
-            return None, ""  # the route refuses it, with its 422
-        return spec, principal
-
-
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body (BodySizeLimitMiddleware, outside, bounds it)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break  # the client left; the route sees an empty body and answers for it
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands the app the body already read, then the client's own."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
-async def _handled(scope: Scope, exc: Exception) -> Response:
-    """The app's own answer to ``exc`` (its exception handlers, the most specific first)."""
-    handlers = scope["app"].exception_handlers
-    for cls in type(exc).__mro__:
-        if cls in handlers:
-            return await handlers[cls](Request(scope), exc)  # type: ignore[no-any-return]
-    raise exc
 
 
 @router.post(
@@ -441,12 +331,15 @@ async def ingest_batch(
                 raise InvalidInputError(
                     "send the batch's files in the form field 'files'", details={"field": "files"}
                 )
-        service.check_batch_size(len(files) + len(url_items))
+        service.checks.check_batch_size(len(files) + len(url_items))
         specs = await run_in_threadpool(_prepare_files, service, files, fields)
         for index, item in enumerate(url_items):
-            specs.append(_prepare_url(service, item, field_prefix=f"items.{index}."))
+            specs.append(prepare_url(service, item, field_prefix=f"items.{index}."))
         batch = await run_in_threadpool(
-            service.submit_batch, specs, principal=principal, idempotency_key=idempotency_key
+            service.submissions.submit_batch,
+            specs,
+            principal=principal,
+            idempotency_key=idempotency_key,
         )
     except BaseException:
         if form is not None:
@@ -498,7 +391,7 @@ def cancel_job(task_id: TaskId, request: Request, service: ServiceDep) -> Cancel
     """A queued job is revoked at once; a running one stops within seconds. 409 when the
     job has already finished."""
     request.state.task_id = task_id
-    outcome, status = service.cancel(task_id)
+    outcome, status = service.submissions.cancel(task_id)
     message = (
         "cancelled before it started"
         if outcome == "revoked"
@@ -530,7 +423,9 @@ def retry_job(
     """Queues the job's original input and options again as a new job whose ``retry_of``
     is this one. 409 unless the job failed or was cancelled, or when it was retried
     already."""
-    submission = service.retry(task_id, principal=principal, idempotency_key=idempotency_key)
+    submission = service.submissions.retry(
+        task_id, principal=principal, idempotency_key=idempotency_key
+    )
     _accepted(response, request, submission)
     return RetryResponse(
         task_id=submission.task_id,

@@ -10,9 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from morag.api.deps import ServiceDep, authenticate, scope_principal
+from morag.api.deps import ServiceDep, authenticate
 from morag.api.errors import error_responses
 from morag.api.schemas import (
     JobHistory,
@@ -75,7 +74,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Jobs newest first, filtered by state, kind and creation time, a page at a time."""
-    items, next_offset = service.list_jobs(
+    items, next_offset = service.reads.list_jobs(
         states=state or (),
         kind=kind,
         created_after=created_after,
@@ -96,7 +95,7 @@ def list_jobs(
 )
 def queue_stats(service: ServiceDep) -> dict[str, Any]:
     """Pending messages and consumers per queue, messages in flight, live workers."""
-    return service.queue_stats()
+    return service.reads.queue_stats()
 
 
 @router.get(
@@ -108,57 +107,13 @@ def queue_stats(service: ServiceDep) -> dict[str, Any]:
 async def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> Response:
     """State, progress, stage, message, timestamps, attempts, error and result summary."""
     request.state.task_id = task_id
-    return status_response(await service.astatus(task_id))
+    return status_response(await service.reads.astatus(task_id))
 
 
 def status_response(info: TaskInfo) -> Response:
     """The JobStatus JSON, serialised once: returned as a model, FastAPI would validate it
     again through response_model (which stays for the OpenAPI document)."""
     return Response(job_status(info).model_dump_json(), media_type="application/json")
-
-
-class StatusReadFastPath:
-    """Answers ``GET /api/v1/status/{task_id}`` for a job that has a record without FastAPI's
-    per-request routing and dependency solving, which were half the CPU of a status read
-    (bench row 3: ~425 -> ~200 µs a read).
-
-    It answers only that plain case, and as ``get_status`` does: the same key check
-    (``scope_principal``), the same read and the same JSON. Everything else (no or a wrong
-    key, an id the route would refuse, no record, Redis trouble, other methods and paths)
-    goes on to ``get_status`` and the app's error handlers, so every error keeps its shape.
-    ``create_app`` installs it innermost: the log line, CORS and the body limit still apply.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.prefix = router.prefix + "/"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Served under a root path (behind a proxy), requests take the route as usual.
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
-            path = scope["path"]
-            if path.startswith(self.prefix):
-                response = await self._answer(scope, path[len(self.prefix) :])
-                if response is not None:
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-    async def _answer(self, scope: Scope, task_id: str) -> Response | None:
-        if not 0 < len(task_id) <= TASK_ID_MAX_CHARS or "/" in task_id:
-            return None
-        if scope_principal(scope) is None:
-            return None  # the route refuses it, with the 401 it documents
-        state = scope["app"].state
-        try:
-            info = await state.ingestion.store.aget(state.ingestion.aio_reads, task_id)
-            if info is None:
-                return None  # the route asks Celery's result backend, or answers 404
-            response = status_response(info)
-        except Exception:
-            return None  # whatever went wrong, get_status tries again and answers for it
-        scope.setdefault("state", {})["task_id"] = task_id  # for the request log line
-        return response
 
 
 @router.get(
@@ -177,7 +132,9 @@ def get_result(
 ) -> dict[str, Any]:
     """The Markdown, metadata and a page of chunks of a job that succeeded (409 otherwise)."""
     request.state.task_id = task_id
-    return service.result(task_id, offset=offset, limit=limit, include_markdown=include_markdown)
+    return service.reads.result(
+        task_id, offset=offset, limit=limit, include_markdown=include_markdown
+    )
 
 
 @router.get(
@@ -197,7 +154,7 @@ def get_artifact(
 ) -> FileResponse:
     """Artefacts are listed in the result; files live in shared storage (artifact_dir)."""
     request.state.task_id = task_id
-    path, media_type = service.artifact_path(task_id, name)
+    path, media_type = service.reads.artifact_path(task_id, name)
     return FileResponse(path, media_type=media_type, filename=name)
 
 
@@ -210,7 +167,7 @@ def get_artifact(
 def get_history(task_id: TaskId, request: Request, service: ServiceDep) -> dict[str, Any]:
     """Every state change and progress step, timestamped, oldest first."""
     request.state.task_id = task_id
-    return {"task_id": task_id, "events": service.history(task_id)}
+    return {"task_id": task_id, "events": service.reads.history(task_id)}
 
 
 @router.get(
@@ -236,12 +193,12 @@ async def follow_job(
     (reconnect with ``Last-Event-ID`` to skip what you have seen), its data the event as
     JSON (``ts, state, progress, stage, message, attempt``, plus ``task_id``)."""
     request.state.task_id = task_id
-    if not await service.job_exists(task_id):
+    if not await service.follower.job_exists(task_id):
         raise NotFoundError(f"no job with id {task_id}")
 
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
-            async for event in service.follow(task_id, after=last_event_id):
+            async for event in service.follower.follow(task_id, after=last_event_id):
                 yield {
                     "event": str(event.get("state", "message")),
                     "id": str(event.get("ts", "")),

@@ -1,0 +1,85 @@
+"""Every Redis key morag writes, by name: the one place to look for what a prefix holds,
+what expires and what is pruned. Celery's own keys (queues, ``unacked``, results) are
+named by kombu and Celery under ``broker_namespace``.
+
+    <prefix>:job:<id>                 hash: the job record            TTL: retention, once final
+    <prefix>:job:<id>:history         list: every event               TTL: as the record
+    <prefix>:job:<id>:result          string: the full result (JSON)  TTL: retention
+    <prefix>:job:<id>:lease           string: the running process     TTL: lease_seconds
+    <prefix>:events:<id>              pub/sub channel of the job's events
+    <prefix>:jobs                     sorted set: ids by creation time (pruned with the records)
+    <prefix>:batch:<id>               string: a batch's job ids       TTL: retention
+    <prefix>:idem:<principal>:<hash>  string: an Idempotency-Key's answer  TTL: retention
+    <prefix>:dedupe:<fingerprint>     string: the job doing that content   TTL: retention
+    <prefix>:worker:<hostname>        string: a live worker           TTL: a few heartbeats
+    <prefix>:recovery:lost-sweep      string: lock of the lost-message sweep
+    <prefix>:webhooks:...             the webhook outbox and its bookkeeping
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """The key names under one prefix (``Settings.key_prefix``)."""
+
+    prefix: str
+
+    def job(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}"
+
+    def history(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:history"
+
+    def result(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:result"
+
+    def lease(self, task_id: str) -> str:
+        return f"{self.prefix}:job:{task_id}:lease"
+
+    def channel(self, task_id: str) -> str:
+        return f"{self.prefix}:events:{task_id}"
+
+    @property
+    def job_index(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def idempotency(self, principal: str, key: str) -> str:
+        """The client's key is hashed: any header value makes a bounded, safe key name."""
+        return f"{self.prefix}:idem:{principal}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def dedupe(self, fingerprint: str) -> str:
+        return f"{self.prefix}:dedupe:{fingerprint}"
+
+    def worker(self, hostname: str) -> str:
+        return f"{self.prefix}:worker:{hostname}"
+
+    @property
+    def lost_sweep_lock(self) -> str:
+        return f"{self.prefix}:recovery:lost-sweep"
+
+    @property
+    def webhook_outbox(self) -> str:
+        """Webhooks owed by final transitions, oldest first (services/webhooks.py)."""
+        return f"{self.prefix}:webhooks:outbox"
+
+    @property
+    def webhook_inflight(self) -> str:
+        return f"{self.prefix}:webhooks:inflight"
+
+    @property
+    def webhook_scheduled(self) -> str:
+        return f"{self.prefix}:webhooks:scheduled"
+
+    @property
+    def webhook_claims(self) -> str:
+        return f"{self.prefix}:webhooks:claims"
+
+    def webhook_done(self, task_id: str) -> str:
+        return f"{self.prefix}:webhooks:done:{task_id}"
