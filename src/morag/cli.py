@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -174,6 +174,14 @@ def _api_errors() -> Iterator[None]:
                 where = problem.get("field") or "request"
                 typer.echo(f"  {where}: {problem.get('message', '')}", err=True)
         raise typer.Exit(EXIT_TIMEOUT if exc.code == "timeout" else EXIT_API_ERROR) from None
+
+
+def _show(answer: dict[str, Any], as_json: bool, print_human: Callable[[Any], None]) -> None:
+    """An API answer as JSON (``--json``), or for people."""
+    if as_json:
+        _print_json(answer)
+    else:
+        print_human(answer)
 
 
 def _print_json(value: Any) -> None:
@@ -350,10 +358,7 @@ def status(
     """Show a job's state, progress, timestamps, error and result summary."""
     with _api_errors(), _client(api_url, api_key) as client:
         job = dict(client.status(task_id))
-    if as_json:
-        _print_json(job)
-    else:
-        _print_job(job)
+    _show(job, as_json, _print_job)
 
 
 @app.command()
@@ -365,11 +370,12 @@ def cancel(
 ) -> None:
     """Cancel a queued or running job."""
     with _api_errors(), _client(api_url, api_key) as client:
-        answer = client.cancel(task_id)
-    if as_json:
-        _print_json(answer)
-    else:
-        typer.echo(f"{answer.get('outcome', 'cancelled')}: {task_id}: {answer.get('message', '')}")
+        answer = dict(client.cancel(task_id))
+    _show(
+        answer,
+        as_json,
+        lambda a: typer.echo(f"{a.get('outcome', 'cancelled')}: {task_id}: {a.get('message', '')}"),
+    )
 
 
 @app.command()
