@@ -16,7 +16,7 @@ from tests.harness import (
     ServiceProcess,
     find_redis,
     flush_namespace,
-    free_port,
+    start_api,
     test_environment,
     wait_for,
 )
@@ -118,20 +118,6 @@ def workers(isolated: None, tmp_path: Path) -> Iterator[WorkerFactory]:
 @pytest.fixture
 def api_server(isolated: None, tmp_path: Path) -> Iterator[str]:
     """A ``morag api`` process on a free port; yields its base URL."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "MORAG_API_PORT": str(port), "MORAG_API_HOST": "127.0.0.1"}
-    server = ServiceProcess(["api"], env, tmp_path / "api.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return not server.alive()
-
-    wait_for(up, 30, "the API to answer")
-    assert server.alive(), server.log()
+    base, server = start_api(tmp_path / "api.log")
     yield base
     server.stop()

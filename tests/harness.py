@@ -144,3 +144,36 @@ def pool_children(pid: int) -> list[int]:
         ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
     ).stdout
     return [int(p) for p in out.split()]
+
+
+def start_api(
+    log_path: Path, env: dict[str, str] | None = None, **overrides: str
+) -> tuple[str, ServiceProcess]:
+    """A ``morag api`` process on a free loopback port, once it answers ``/health``: its
+    base URL and process. Its environment: ``env`` (default: this process's), where keyword
+    overrides become ``MORAG_<NAME>`` variables."""
+    import httpx
+
+    port = free_port()
+    env = {
+        **(os.environ if env is None else env),
+        "MORAG_API_PORT": str(port),
+        "MORAG_API_HOST": "127.0.0.1",
+        **{f"MORAG_{k.upper()}": v for k, v in overrides.items()},
+    }
+    server = ServiceProcess(["api"], env, log_path)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return not server.alive()
+
+    try:
+        wait_for(up, 30, "the API to answer")
+        assert server.alive(), server.log()
+    except BaseException:
+        server.stop()
+        raise
+    return base, server

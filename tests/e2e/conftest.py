@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.harness import ServiceProcess, free_port, wait_for
+from tests.harness import ServiceProcess, start_api
 
 
 @dataclass
@@ -30,25 +28,8 @@ class ApiFactory:
         self.started: list[ServiceProcess] = []
 
     def start(self, **env_overrides: str) -> RunningApi:
-        port = free_port()
-        env = {
-            **os.environ,
-            "MORAG_API_PORT": str(port),
-            "MORAG_API_HOST": "127.0.0.1",
-            **{f"MORAG_{k.upper()}": v for k, v in env_overrides.items()},
-        }
-        server = ServiceProcess(["api"], env, self.tmp_path / f"api-{len(self.started)}.log")
+        base, server = start_api(self.tmp_path / f"api-{len(self.started)}.log", **env_overrides)
         self.started.append(server)
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return not server.alive()
-
-        wait_for(up, 30, "the API to answer")
-        assert server.alive(), server.log()
         return RunningApi(base, server)
 
     def stop_all(self) -> None:

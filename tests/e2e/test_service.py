@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from morag.core.config import ALL_QUEUES
-from tests.harness import ROOT, ServiceProcess, free_port, wait_for
+from tests.harness import ROOT, free_port, start_api, wait_for
 
 
 def test_liveness_is_fast(api_server: str) -> None:
@@ -219,18 +219,9 @@ def _assert_private(data_dir: Path) -> None:
 def test_readiness_without_redis_says_unhealthy_and_no_more(tmp_path: Path) -> None:
     """The seed's contract: each service is exactly "healthy" or "unhealthy"; an answer
     that needs no key names no file path and quotes no exception."""
-    port = free_port()
     socket_path = tmp_path / "no-redis-here.sock"
-    env = {
-        **os.environ,
-        "MORAG_REDIS_URL": f"unix://{socket_path}",
-        "MORAG_API_PORT": str(port),
-        "MORAG_API_HOST": "127.0.0.1",
-    }
-    server = ServiceProcess(["api"], env, tmp_path / "api.log")
-    base = f"http://127.0.0.1:{port}"
+    base, server = start_api(tmp_path / "api.log", redis_url=f"unix://{socket_path}")
     try:
-        wait_for(lambda: _answers(f"{base}/health") or not server.alive(), 30, "the API")
         response = httpx.get(f"{base}/health/ready", timeout=5)
     finally:
         server.stop()
@@ -240,10 +231,3 @@ def test_readiness_without_redis_says_unhealthy_and_no_more(tmp_path: Path) -> N
     assert body["reasons"] == {"redis": "Redis is unreachable", "celery": "Redis is unreachable"}
     assert str(tmp_path) not in response.text and "Error" not in response.text
     assert str(socket_path) in server.log(), "the reason, with its path, is logged instead"
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return False

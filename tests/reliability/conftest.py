@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from morag.core.embedded_redis import EmbeddedRedis, find_redis_server
-from tests.harness import ROOT, ServiceProcess, free_port, wait_for
+from tests.harness import ROOT, ServiceProcess, free_port, start_api, wait_for
 from tests.reliability.report import Report
 
 if TYPE_CHECKING:
@@ -198,22 +198,8 @@ class Stack:
         return worker
 
     def start_api(self) -> str:
-        import httpx
-
-        port = free_port()
-        env = {**self.env, "MORAG_API_PORT": str(port), "MORAG_API_HOST": "127.0.0.1"}
-        api = ServiceProcess(["api"], env, self.tmp_path / "api.log")
+        base, api = start_api(self.tmp_path / "api.log", env=self.env)
         self.processes.append(api)
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return not api.alive()
-
-        wait_for(up, 30, "the API to answer")
-        assert api.alive(), api.log()
         return base
 
     def stop(self) -> None:
@@ -280,30 +266,11 @@ def api_process(
 ) -> Iterator[Callable[..., tuple[str, ServiceProcess]]]:
     """Factory: a ``morag api`` on the session Redis; ``start(**env_overrides)`` answers its
     base URL and process (whose pid the RSS sampler watches)."""
-    import httpx
-
     started: list[ServiceProcess] = []
 
     def start(**env_overrides: str) -> tuple[str, ServiceProcess]:
-        port = free_port()
-        env = {
-            **os.environ,
-            "MORAG_API_PORT": str(port),
-            "MORAG_API_HOST": "127.0.0.1",
-            **{f"MORAG_{k.upper()}": v for k, v in env_overrides.items()},
-        }
-        api = ServiceProcess(["api"], env, tmp_path / f"api-{len(started)}.log")
+        base, api = start_api(tmp_path / f"api-{len(started)}.log", **env_overrides)
         started.append(api)
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return not api.alive()
-
-        wait_for(up, 30, "the API to answer")
-        assert api.alive(), api.log()
         return base, api
 
     yield start
