@@ -95,13 +95,15 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """A ``morag`` subprocess with its output in a log file."""
+    """A ``morag`` subprocess (or ``python -m <module>``) with its output in a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, module: str = "morag.cli"
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "morag.cli", *args],
+            [sys.executable, "-m", module, *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -9,9 +9,10 @@ import uuid
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
+from kombu.transport import redis as kombu_redis
 
 from morag.core.broker import Transport, UnixSocketTransport, transport_for
-from morag.core.celery_app import celery_config
+from morag.core.celery_app import celery_config, create_celery_app
 from morag.core.config import Settings, redis_url_to_celery
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -37,6 +38,25 @@ def test_celery_uses_the_transport_for_tcp_and_socket_urls() -> None:
     assert unix["broker_transport"] == "morag.core.broker:UnixSocketTransport"
     tls = celery_config(Settings(redis_url="rediss://example:6380/0"))
     assert tls["broker_transport"] is None
+
+
+def test_the_connection_shows_the_url_not_the_class_path() -> None:
+    """Flower (and other tools) pick their broker client by the URI's scheme."""
+    shown = {
+        "redis://:secret@example:6380/2": ("redis://:**@example:6380/2", Transport),
+        "unix:///run/r.sock": ("redis+socket:///run/r.sock", UnixSocketTransport),
+    }
+    for redis_url, (uri, transport) in shown.items():
+        app = create_celery_app(Settings(redis_url=redis_url))
+        with app.connection() as conn:  # not connected: nothing is sent
+            assert type(conn.transport) is transport
+            assert conn.as_uri() == uri
+            assert conn.info()["transport"] == "redis"
+    with create_celery_app(Settings(redis_url="redis://:secret@example:6380/2")).connection() as c:
+        assert c.as_uri(include_password=True) == "redis://:secret@example:6380/2"
+    # Another app's redis URL keeps kombu's own transport.
+    with Connection("redis+socket:///run/r.sock") as conn:
+        assert type(conn.transport) is kombu_redis.Transport
 
 
 def test_messages_round_trip_through_one_shared_client(namespace: str) -> None:

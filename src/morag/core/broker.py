@@ -15,7 +15,10 @@ ignores: the messages stay in the unacked hash, and recovery or the visibility t
 delivers them again.
 
 Celery is pointed at these classes with its ``broker_transport`` setting
-(``celery_app.celery_config``); nothing else changes.
+(``celery_app.celery_config``); nothing else changes. The connection's URI still says
+``redis://`` or ``redis+socket://`` (not the class path), because tools pick their broker
+client by that scheme: Flower answered its queue lengths with 404 "'redis' broker is not
+supported" for ``morag.core.broker:Transport://``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
+from kombu.utils.url import maybe_sanitize_url
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
@@ -54,11 +59,25 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
 
 
+# Connection.as_uri() and info() show a transport's name through this table, as the URI's
+# scheme; kombu maps its own implementation names to theirs here (pyamqp -> amqp). It names
+# these classes only: unlike overriding kombu's "redis" alias, it leaves the transport of
+# other apps in the process (the bench's bare-Celery baseline) as it was.
+kombu_connection.resolve_aliases[f"{__name__}:Transport"] = "redis"
+kombu_connection.resolve_aliases[f"{__name__}:UnixSocketTransport"] = "redis"
+
+
 class UnixSocketTransport(Transport):
     """For ``socket:///path`` URLs: the channel reads the socket path from the URL itself,
     as kombu's own ``redis+socket://`` does."""
 
     can_parse_url = True
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The URL as given to morag, ``redis+socket:///path`` (kombu's hook for how a
+        transport that parses its own URL shows it)."""
+        shown = "redis+" + uri
+        return shown if include_password else str(maybe_sanitize_url(shown, mask))
 
 
 def transport_for(broker_url: str) -> tuple[str, str]:
