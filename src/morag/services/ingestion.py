@@ -54,7 +54,8 @@ from morag.services.jobs import (
     get_job_store,
     utcnow,
 )
-from morag.services.uploads import StoredFile
+from morag.services.retention import input_for_retry, input_gone
+from morag.services.uploads import StoredFile, stored_name
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -86,6 +87,12 @@ class JobSpec:
     content_key: str  # what makes two submissions the same work (dedupe)
     request_key: str  # what makes two requests the same request (idempotency)
     upload: StoredFile | None = None  # deleted when the request turns out a repeat
+    retry_input: str = ""  # a retry's own name for the failed job's uploaded file
+
+    @property
+    def owned_file(self) -> str:
+        """The stored input this job owns (deleted when it ends), if any."""
+        return str(self.upload.path) if self.upload is not None else self.retry_input
 
 
 @dataclass
@@ -452,6 +459,9 @@ class IngestionService:
             "submission": json.dumps({"task": task.name, "kwargs": spec.kwargs}),
             "content_key": spec.content_key,
         }
+        if spec.owned_file:
+            # the job's own input: deleted when it ends (services/retention.py)
+            extra["owned_files"] = json.dumps([spec.owned_file])
         if spec.webhook_url:
             extra["webhook_url"] = spec.webhook_url
         if batch_id:
@@ -627,9 +637,12 @@ class IngestionService:
             )
         submission = json.loads(raw_submission)
         file_path = submission["kwargs"].get("file_path")
+        owned = json.loads(_text(self.redis.hget(job_key, "owned_files")) or "[]")
+        if file_path and file_path in owned and not Path(file_path).is_file():
+            raise input_gone(task_id)
         if file_path and not Path(file_path).is_file():
             raise ConflictError(
-                f"the uploaded file of job {task_id} is no longer stored; upload it again",
+                f"the input file of job {task_id} is no longer stored; submit it again",
                 details={"status": info.status.value},
             )
         kind = next(
@@ -660,14 +673,20 @@ class IngestionService:
             return self.retry(task_id, principal=principal, idempotency_key=idempotency_key)
         spec = JobSpec(
             kind=kind,
-            kwargs=submission["kwargs"],
+            kwargs=dict(submission["kwargs"]),
             webhook_url=info.webhook_url,
             content_key=_text(content_key) or new_id,
             request_key="",
         )
         try:
+            if file_path and file_path in owned:
+                # Its own name for the file: the failed job's is deleted with that job.
+                linked = input_for_retry(Path(file_path), stored_name(file_path), task_id=task_id)
+                spec.kwargs["file_path"] = spec.retry_input = str(linked)
             self._publish(spec, new_id, retry_of=task_id)
         except BaseException:
+            if spec.retry_input:
+                Path(spec.retry_input).unlink(missing_ok=True)
             self.redis.hdel(job_key, "retried_by")
             if idempotency_key:
                 self._release(self._idem_key(principal, idempotency_key), new_id)
