@@ -112,7 +112,8 @@ class Sampler:
 
 class Outcomes:
     """Follows submitted jobs until each is final (a record seen final, or gone: only a
-    final record expires), counting their end states; polls only those not seen final."""
+    final record expires; counted as "expired"), counting their end states; polls only
+    those not seen final yet."""
 
     def __init__(self, bench: Bench) -> None:
         self.client = bench.client()
@@ -255,7 +256,10 @@ def run_jobs(
     started = time.monotonic()
     for thread in threads:
         thread.start()
-    while any(t.is_alive() for t in threads) or outcomes.poll():
+    while True:
+        submitting = any(t.is_alive() for t in threads)
+        if not outcomes.poll() and not submitting:
+            break
         time.sleep(1.0)
         latest = sampler.samples[-1].figures() if sampler.samples else {}
         print(
