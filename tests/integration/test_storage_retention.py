@@ -278,3 +278,19 @@ def test_every_key_a_finished_job_leaves_expires(
     wait_for(lambda: redis_client.zcard(store.inputs_due_key) == 0, 30, "inputs to go")
     assert not any(path.exists() for path in [*(u.path for u in uploads), failed_path])
     assert _keys_without_ttl(redis_client, namespace) == {}
+
+
+def test_keyframes_go_when_the_record_expires(tmp_path: Path) -> None:
+    store = get_job_store()
+    task_id = str(uuid.uuid4())
+    store.create(task_id, kind="video", queue="video_processing", task_name="video")
+    store.start(task_id, worker="w", lease_seconds=5, max_attempts=3)
+    folder = tmp_path / task_id
+    folder.mkdir()
+    (folder / "keyframe_0000_0.0s.jpg").write_bytes(b"\xff\xd8")
+    store.finish(task_id, TaskStatus.SUCCESS, worker="w")
+    janitor = StorageJanitor(store, upload_dir=tmp_path / "uploads", artifact_dir=tmp_path)
+    assert janitor.sweep_artifacts() == 0 and folder.is_dir()  # the record is still kept
+    later = time.time() + settings.result_retention_seconds + 1
+    assert janitor.sweep_artifacts(now=later) == 1
+    assert not folder.exists() and store.redis.zcard(store.artifacts_due_key) == 0
