@@ -576,7 +576,8 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
         metadata=json.dumps({"n": 1}),
         chunk_size_tokens="100",
     ).json()["task_id"]
-    workers.start(queues="document_processing")
+    # inputs kept with the record, so the failed job can be retried (see the next test)
+    workers.start(queues="document_processing", keep_inputs_until_expiry="true")
     failed = wait_final(client, broken)
     assert failed["status"] == "failure" and failed["error"]["message"]
     assert wait_final(client, new_id)["status"] == "success"  # the retried cancelled job ran
@@ -588,6 +589,21 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     second = wait_final(client, again.json()["task_id"])
     assert second["retry_of"] == broken and second["status"] == "failure"
     assert second["metadata"] == failed["metadata"] == {"n": 1, "filename": "broken.pdf"}
+
+
+def test_retry_after_the_input_was_deleted_is_a_clear_410(
+    client: httpx.Client, workers, upload_dir: Path
+) -> None:
+    before = set(upload_dir.iterdir())
+    broken = upload(client, b"%PDF-1.4\nnot a pdf either\n", name="b.pdf").json()["task_id"]
+    (stored,) = set(upload_dir.iterdir()) - before
+    workers.start(queues="document_processing")
+    assert wait_final(client, broken)["status"] == "failure"
+    wait_for(lambda: not stored.exists(), 30, "the failed job's upload to be deleted")
+    error = error_of(client.post(f"{INGEST}/{broken}/retry"), 410)
+    assert error["code"] == "input_gone" and error["details"]["reason"] == "input_deleted"
+    assert "deleted when the job finished" in error["message"]
+    assert "MORAG_KEEP_INPUTS_UNTIL_EXPIRY" in error["message"]
 
 
 def test_cancelling_a_running_job(client: httpx.Client, workers, tmp_path: Path) -> None:

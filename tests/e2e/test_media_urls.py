@@ -6,6 +6,7 @@ The media are served from 127.0.0.1 (the test settings exempt loopback from the 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,7 @@ import pytest
 
 from tests.e2e.conftest import RunningApi
 from tests.e2e.test_api import INGEST, STATUS, wait_final
+from tests.harness import wait_for
 from tests.samples import SPEECH, make_video
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -75,7 +77,7 @@ def stages(client: httpx.Client, task_id: str) -> list[str]:
 
 
 def test_audio_url_is_downloaded_and_transcribed(
-    client: httpx.Client, workers, media_server: str, upload_dir: Path
+    client: httpx.Client, workers, media_server: str, upload_dir: Path, redis_client, namespace
 ) -> None:
     url = f"{media_server}/speech.wav"
     task_id = submit(client, url, "audio", metadata={"source": "podcast"})
@@ -89,8 +91,10 @@ def test_audio_url_is_downloaded_and_transcribed(
     assert "fox" in result["markdown"].lower()
     assert result["total_chunks"] >= 1
     assert "downloading" in stages(client, task_id)
-    downloaded = list(upload_dir.glob(f"{task_id}.*"))
-    assert [p.suffix for p in downloaded] == [".wav"]
+    # The download was the job's own input: it is deleted now that the job is final.
+    owned = json.loads(redis_client.hget(f"{namespace}:job:{task_id}", "owned_files"))
+    assert [Path(p).parent for p in owned] == [upload_dir] and owned[0].endswith(".wav")
+    wait_for(lambda: not list(upload_dir.glob(f"{task_id}.*")), 30, "the download to go")
 
 
 def test_video_url_is_downloaded_with_keyframes(

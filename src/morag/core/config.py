@@ -68,6 +68,11 @@ class Settings(BaseSettings):
 
     # --- Jobs ---------------------------------------------------------------------------
     result_retention_seconds: int = 7 * 24 * 3600
+    # A job's uploaded or downloaded input is deleted once the job is final; true keeps it
+    # as long as the job's record (until the retention ends), so a retry still finds it.
+    keep_inputs_until_expiry: bool = False
+    # How often the job index is pruned of jobs whose records expired (one worker does it).
+    index_prune_interval: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1)] = 3  # starts of a job before it fails for good
     retry_backoff_seconds: float = 2.0
     retry_backoff_max_seconds: float = 120.0

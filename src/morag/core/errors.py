@@ -11,6 +11,7 @@ One base class, a short list of kinds. The API maps each kind to an HTTP status
     ├── AuthenticationError         401  unauthorized
     ├── NotFoundError               404  not_found
     ├── ConflictError               409  conflict
+    ├── InputGoneError              410  input_gone           a job's input was deleted
     ├── ConfigurationError          500  configuration_error  e.g. missing speech model
     ├── TransientError              503  transient_error      retried with backoff
     └── JobCancelledError           409  cancelled            raised inside a job on cancel
@@ -70,6 +71,13 @@ class NotFoundError(MoragError):
 class ConflictError(MoragError):
     code = "conflict"
     http_status = 409
+
+
+class InputGoneError(MoragError):
+    """A job's stored input was deleted (inputs live as long as their job is active)."""
+
+    code = "input_gone"
+    http_status = 410
 
 
 class ConfigurationError(MoragError):

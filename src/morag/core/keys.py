@@ -14,6 +14,9 @@ named by kombu and Celery under ``broker_namespace``.
     <prefix>:worker:<hostname>        string: a live worker           TTL: a few heartbeats
     <prefix>:recovery:lost-sweep      string: lock of the lost-message sweep
     <prefix>:webhooks:...             the webhook outbox and its bookkeeping
+    <prefix>:cleanup:inputs           sorted set: owned input files of ended jobs, by end time
+    <prefix>:cleanup:artifacts        sorted set: ended video jobs, by end time (keyframes)
+    <prefix>:cleanup:index-pruned     string: lock of one index prune per period
 """
 
 from __future__ import annotations
@@ -83,3 +86,17 @@ class RedisKeys:
 
     def webhook_done(self, task_id: str) -> str:
         return f"{self.prefix}:webhooks:done:{task_id}"
+
+    @property
+    def inputs_due(self) -> str:
+        """Owned input files of ended jobs, by end time (services/retention.py)."""
+        return f"{self.prefix}:cleanup:inputs"
+
+    @property
+    def artifacts_due(self) -> str:
+        """Ids of ended video jobs whose keyframes go with their record (services/retention.py)."""
+        return f"{self.prefix}:cleanup:artifacts"
+
+    @property
+    def index_prune_lock(self) -> str:
+        return f"{self.prefix}:cleanup:index-pruned"

@@ -5,7 +5,10 @@ id that was never submitted (no record) is told apart from a queued one. Workers
 it through its states with Lua scripts, so every transition is atomic, appends one
 event to the job's history list and publishes it for live followers (SSE, webhooks)
 in a single round trip. The first final state wins; progress never goes backwards.
-Its keys are named in core/keys.py.
+Its keys are named in core/keys.py. Every key of a job that ended expires with its
+retention (``retention_seconds``); the index entry goes once its record has
+(``prune_index``); the files a job leaves behind are queued for deletion by the same
+script that ends it (services/retention.py).
 """
 
 from __future__ import annotations
@@ -172,6 +175,18 @@ local function webhook_due(job_key, outbox_key, state, ts)
       {task_id=redis.call('HGET', job_key, 'id'), state=state, ts=ts}))
   end
 end
+-- Also called by every final transition: the files the job leaves behind (its owned inputs,
+-- a video job's keyframes) become due for deletion in the same atomic write, so a process
+-- dying right after the transition leaves no file behind for good (services/retention.py).
+local function files_due(job_key, inputs_key, artifacts_key)
+  local h = redis.call('HMGET', job_key, 'id', 'owned_files', 'kind')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if h[2] and h[2] ~= '' and h[2] ~= '[]' then
+    redis.call('ZADD', inputs_key, now, cjson.encode({task_id=h[1], files=cjson.decode(h[2])}))
+  end
+  if h[3] == 'video' then redis.call('ZADD', artifacts_key, now, h[1]) end
+end
 """.replace("HISTORY_MAX", str(HISTORY_MAX))
 
 # KEYS: job, history, index, channel[, dedupe] | ARGV: id, ts, score, dedupe mode (join or
@@ -206,8 +221,8 @@ return 1
 """
 )
 
-# KEYS: job, history, lease, channel, outbox | ARGV: ts, worker, lease_ms, max_attempts, id,
-#       kind, queue
+# KEYS: job, history, lease, channel, outbox, inputs due, artifacts due | ARGV: ts, worker,
+#       lease_ms, max_attempts, id, kind, queue, retention_s
 # Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
 _START = (
     _EMIT
@@ -226,7 +241,10 @@ if h[4] then
              'updated_at', ARGV[1], 'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
        attempts, nil)
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
   webhook_due(KEYS[1], KEYS[5], 'revoked', ARGV[1])
+  files_due(KEYS[1], KEYS[6], KEYS[7])
   return {'cancelled', 'revoked'}
 end
 local holder = redis.call('GET', KEYS[3])
@@ -238,7 +256,10 @@ if attempts >= tonumber(ARGV[4]) then
              'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
              'message', msg)
   emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
   webhook_due(KEYS[1], KEYS[5], 'failure', ARGV[1])
+  files_due(KEYS[1], KEYS[6], KEYS[7])
   return {'exhausted', tostring(attempts)}
 end
 attempts = attempts + 1
@@ -271,7 +292,8 @@ return 'ok'
 """
 )
 
-# KEYS: job, history, lease, channel, result, outbox | ARGV: ts, state, message, error_type,
+# KEYS: job, history, lease, channel, result, outbox, inputs due, artifacts due | ARGV: ts,
+#       state, message, error_type,
 #       error_message, summary_json, result_json, retention_s, worker, then optionally the
 #       last progress report not yet written: its ts, progress, stage, message
 # Returns {outcome, state}: ok | final | missing
@@ -314,6 +336,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message, h[4], nil)
 webhook_due(KEYS[1], KEYS[6], state, ARGV[1])
+files_due(KEYS[1], KEYS[7], KEYS[8])
 return {'ok', state}
 """
 )
@@ -335,7 +358,7 @@ return 1
 """
 )
 
-# KEYS: job, history, channel, outbox | ARGV: ts, retention_s
+# KEYS: job, history, channel, outbox, inputs due, artifacts due | ARGV: ts, retention_s
 # Returns {outcome, state}: missing | final | revoked (was queued) | cancelling (is running)
 _CANCEL = (
     _EMIT
@@ -354,6 +377,7 @@ if state == 'pending' or state == 'retry' then
   emit(KEYS[2], KEYS[3], ARGV[1], 'revoked', progress, 'revoked',
        'cancelled before it started', attempts, nil)
   webhook_due(KEYS[1], KEYS[4], 'revoked', ARGV[1])
+  files_due(KEYS[1], KEYS[5], KEYS[6])
   return {'revoked', 'revoked'}
 end
 emit(KEYS[2], KEYS[3], ARGV[1], state, progress, 'cancelling', 'cancellation requested',
@@ -396,6 +420,45 @@ end
 return 'gone'
 """
 
+# KEYS: job, inputs due, artifacts due | ARGV: path
+# Names a file the job made for itself (a downloaded URL) as the job's own, so it is
+# deleted with the job's other inputs; already due when the job has ended meanwhile.
+_OWN_FILE = (
+    _EMIT
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owned_files')
+if not h[1] then return 'missing' end
+local files = {}
+if h[2] and h[2] ~= '' then files = cjson.decode(h[2]) end
+for _, path in ipairs(files) do
+  if path == ARGV[1] then return 'ok' end
+end
+files[#files + 1] = ARGV[1]
+redis.call('HSET', KEYS[1], 'owned_files', cjson.encode(files))
+if is_final(h[1]) then
+  files_due(KEYS[1], KEYS[2], KEYS[3])
+  return 'final'
+end
+return 'ok'
+"""
+)
+
+# KEYS: index | ARGV: cutoff (epoch s), job key prefix, batch size, offset
+# Of the index entries created before the cutoff (only these can have expired), removes
+# those whose record is gone; a job still queued or running keeps its entry.
+# Returns {removed, examined}.
+_PRUNE_INDEX = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', ARGV[4], ARGV[3])
+local gone = {}
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return {#gone, #ids}
+"""
+#: Index entries looked at per script call while pruning (one short Redis call each).
+PRUNE_BATCH = 500
+
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -434,6 +497,8 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._keep_lease = client.register_script(_KEEP_LEASE)
         self._event = client.register_script(_EVENT)
+        self._own_file = client.register_script(_OWN_FILE)
+        self._prune_index = client.register_script(_PRUNE_INDEX)
 
     # -- writes ---------------------------------------------------------------------------
     def create(
@@ -540,6 +605,8 @@ class JobStore:
                 self.keys.lease(task_id),
                 self.keys.channel(task_id),
                 self.keys.webhook_outbox,
+                self.keys.inputs_due,
+                self.keys.artifacts_due,
             ],
             args=[
                 _iso(utcnow()),
@@ -549,6 +616,7 @@ class JobStore:
                 task_id,
                 kind,
                 queue,
+                self.retention_seconds,
             ],
         )
         return Outcome(_s(outcome), _s(detail))
@@ -616,6 +684,8 @@ class JobStore:
                 self.keys.channel(task_id),
                 self.keys.result(task_id),
                 self.keys.webhook_outbox,
+                self.keys.inputs_due,
+                self.keys.artifacts_due,
             ],
             args=[
                 _iso(utcnow()),
@@ -662,6 +732,8 @@ class JobStore:
                 self.keys.history(task_id),
                 self.keys.channel(task_id),
                 self.keys.webhook_outbox,
+                self.keys.inputs_due,
+                self.keys.artifacts_due,
             ],
             args=[_iso(utcnow()), self.retention_seconds],
         )
@@ -685,6 +757,15 @@ class JobStore:
                 args=[_iso(utcnow()), stage, message, json.dumps(extra or {})],
             )
         )
+
+    def own_file(self, task_id: str, path: str) -> str:
+        """Record ``path`` (made by the job, e.g. a download) as the job's own input, to be
+        deleted with it: ok | final (already due) | missing (no record)."""
+        answer = self._own_file(
+            keys=[self.keys.job(task_id), self.keys.inputs_due, self.keys.artifacts_due],
+            args=[path],
+        )
+        return _s(answer)
 
     def keep_lease(self, task_id: str, worker: str, lease_seconds: float) -> str:
         """Keep (or take back) the lease of a job this process runs: held | retaken |
@@ -743,9 +824,22 @@ class JobStore:
         return [_s(i) for i in ids]  # type: ignore[arg-type]
 
     def prune_index(self) -> int:
-        """Drop index entries older than the retention (their records have expired)."""
+        """Drop the index entries of jobs whose records have expired; the number dropped.
+
+        A record expires ``retention_seconds`` after its job ended, so only entries created
+        longer ago than that can have one gone; a job that old still queued or running
+        (no expiry yet) keeps its entry.
+        """
         cutoff = time.time() - self.retention_seconds
-        return int(self.redis.zremrangebyscore(self.keys.job_index, "-inf", cutoff))
+        removed = offset = 0
+        while True:
+            gone, examined = self._prune_index(
+                keys=[self.keys.job_index], args=[cutoff, self.keys.job(""), PRUNE_BATCH, offset]
+            )
+            removed += int(gone)
+            offset += int(examined) - int(gone)  # the kept entries are skipped next time
+            if int(examined) < PRUNE_BATCH:
+                return removed
 
 
 _stores: dict[tuple[str, str], JobStore] = {}

@@ -12,8 +12,9 @@
   of its retries before it exits (core/sent_events.py).
 - Each worker announces itself (services/workers.py) and restores jobs held by dead
   workers (services/recovery.py) from one maintenance thread, which also hands owed
-  webhooks to the worker's delivery threads (services/webhooks.py), outside the pool
-  that runs jobs.
+  webhooks to the worker's delivery threads (services/webhooks.py) and deletes the files
+  of ended jobs and prunes the job index (services/retention.py), outside the pool that
+  runs jobs.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def _remember_worker(sender: str = "", instance: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect
 def _start_maintenance(sender: Any = None, **_: Any) -> None:
     from morag.services.recovery import RecoveryLoop
+    from morag.services.retention import StorageJanitor
     from morag.services.webhooks import WebhookDispatcher, WebhookOutbox, WebhookSender
 
     registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
@@ -219,7 +221,15 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
             WebhookSender(get_job_store(), settings),
             threads=settings.webhook_delivery_threads,
         )
-    _maintenance.append(_Maintenance(registry, recovery, webhooks))
+    assert settings.upload_dir is not None and settings.artifact_dir is not None
+    janitor = StorageJanitor(
+        get_job_store(),
+        upload_dir=settings.upload_dir,
+        artifact_dir=settings.artifact_dir,
+        keep_inputs_until_expiry=settings.keep_inputs_until_expiry,
+        index_prune_interval=settings.index_prune_interval,
+    )
+    _maintenance.append(_Maintenance(registry, recovery, webhooks, janitor))
     _maintenance[-1].start()
     # The pool forks a new child every worker_max_tasks_per_child jobs. After each fork a
     # collection in this process writes to the header of every object it scans, copying
@@ -259,14 +269,18 @@ def _stop_maintenance(**_: Any) -> None:
 
 
 class _Maintenance(threading.Thread):
-    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones; every
+    """Every ``recovery_interval``: announce this worker, restore jobs of dead ones, delete
+    the files of ended jobs (and prune the job index when its period has come); every
     ``WEBHOOK_DISPATCH_INTERVAL``: start the webhooks owed by jobs that ended."""
 
-    def __init__(self, registry: WorkerRegistry, recovery: Any, webhooks: Any = None) -> None:
+    def __init__(
+        self, registry: WorkerRegistry, recovery: Any, webhooks: Any = None, janitor: Any = None
+    ) -> None:
         super().__init__(name="morag-maintenance", daemon=True)
         self.registry = registry
         self.recovery = recovery
         self.webhooks = webhooks
+        self.janitor = janitor
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -285,6 +299,11 @@ class _Maintenance(threading.Thread):
                     self.recovery.run_once()
                 except Exception as exc:  # Redis away: the next round tries again
                     logger.warning("worker maintenance failed", error=str(exc))
+                try:
+                    if self.janitor is not None:
+                        self.janitor.run_once()
+                except Exception as exc:  # what is due stays due for the next round
+                    logger.warning("storage cleanup failed", error=str(exc))
             try:
                 if self.webhooks is not None:
                     self.webhooks.dispatch()  # starts attempts on its threads; never waits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -127,9 +128,11 @@ def check_one_input(file_path: str, url: str) -> None:
         )
 
 
-def download_input(url: str, task_id: str) -> Path:
+def download_input(url: str, task_id: str, on_path: Callable[[Path], object] | None = None) -> Path:
     """Fetch a media URL through the SSRF guard into the upload directory as
     ``<task id>.<ext>`` and return its path; refused unless the bytes are audio or video.
+    ``on_path`` hears the path before anything is written there (the job records it as
+    its own, so it is deleted when the job ends, even if this process dies mid-write).
 
     Transient failures (timeouts, connection errors, 5xx) raise ``TransientError``, which
     the task layer retries; a retry downloads again over the same name.
@@ -155,6 +158,8 @@ def download_input(url: str, task_id: str) -> Path:
         raise InvalidInputError(f"{url} answered an empty body", details={"url": url})
     upload_dir.mkdir(parents=True, exist_ok=True)
     path = upload_dir / f"{task_id}{_suffix(fetched.content_type, fetched.final_url)}"
+    if on_path is not None:
+        on_path(path)
     partial = path.with_name(path.name + ".part")
     partial.write_bytes(fetched.content)
     partial.replace(path)
@@ -168,11 +173,20 @@ def download_input(url: str, task_id: str) -> Path:
     return path
 
 
+def _owned_by(task: Any) -> Callable[[Path], object] | None:
+    """Records a file the job makes as the job's own input (deleted when it ends)."""
+    if task.request.called_directly:
+        return None
+    from morag.services.jobs import get_job_store
+
+    return lambda path: get_job_store().own_file(task.request.id, str(path))
+
+
 def media_input(task: Any, file_path: str, url: str) -> Path:
     """An audio or video job's input file: the upload, or the URL downloaded first."""
     task.update_progress(0.01, "checking the input", stage="validating")
     check_one_input(file_path, url)
     if url:
         task.update_progress(0.02, "downloading the media", stage="downloading")
-        file_path = str(download_input(url, task.request.id))
+        file_path = str(download_input(url, task.request.id, _owned_by(task)))
     return input_file(file_path)

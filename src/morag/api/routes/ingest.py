@@ -410,7 +410,7 @@ def cancel_job(task_id: TaskId, request: Request, service: ServiceDep) -> Cancel
     status_code=202,
     response_model=RetryResponse,
     summary="Re-run a failed or cancelled job as a new job",
-    responses={202: {"headers": _LOCATION}, **error_responses(401, 404, 409, 422, 500)},
+    responses={202: {"headers": _LOCATION}, **error_responses(401, 404, 409, 410, 422, 500)},
 )
 def retry_job(
     task_id: TaskId,
@@ -422,7 +422,9 @@ def retry_job(
 ) -> RetryResponse:
     """Queues the job's original input and options again as a new job whose ``retry_of``
     is this one. 409 unless the job failed or was cancelled, or when it was retried
-    already."""
+    already; 410 when its uploaded file was deleted when it finished (inputs are kept
+    while a job is active, or until its record expires with
+    ``MORAG_KEEP_INPUTS_UNTIL_EXPIRY``)."""
     submission = service.submissions.retry(
         task_id, principal=principal, idempotency_key=idempotency_key
     )

@@ -7,6 +7,7 @@ the record with its own job store, so both land under the API's ``key_prefix`` a
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -30,6 +31,9 @@ class JobPublisher:
         the job that does the work (``task_id`` when this one was queued). A retry takes
         the content key over: identical submissions join it from now on."""
         extra = {"content_key": spec.content_key}
+        if spec.owned_file:
+            # the job's own input: deleted when it ends (services/retention.py)
+            extra["owned_files"] = json.dumps([spec.owned_file])
         if spec.webhook_url:
             extra["webhook_url"] = spec.webhook_url
         if batch_id:

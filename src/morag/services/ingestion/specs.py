@@ -39,6 +39,12 @@ class JobSpec:
     content_key: str  # what makes two submissions the same work (dedupe)
     request_key: str  # what makes two requests the same request (idempotency)
     upload: StoredFile | None = None  # deleted when the request turns out a repeat
+    retry_input: str = ""  # a retry's own name for the failed job's uploaded file
+
+    @property
+    def owned_file(self) -> str:
+        """The stored input this job owns (deleted when it ends), if any."""
+        return str(self.upload.path) if self.upload is not None else self.retry_input
 
     def discard_upload(self) -> None:
         """Delete the uploaded file: the request was a repeat, or was never published."""

@@ -25,6 +25,8 @@ from morag.services.ingestion.idempotency import IdempotencyKeys
 from morag.services.ingestion.publisher import JobPublisher, kind_of_task
 from morag.services.ingestion.specs import JobSpec, SubmissionChecks, digest
 from morag.services.jobs import JobStore, TaskStatus, utcnow
+from morag.services.retention import input_for_retry, input_gone
+from morag.services.uploads import stored_name
 
 if TYPE_CHECKING:
     from morag.services.task_manager import TaskManager
@@ -177,7 +179,7 @@ class Submissions:
 
         def run(record: dict[str, Any]) -> Submission:
             new_id = record["task_id"]
-            spec = self._retry_spec(task_id, new_id)
+            spec, owned_input = self._retry_spec(task_id, new_id)
             job_key = self.store.keys.job(task_id)
             # One retry per job, even for two concurrent requests: the first one wins.
             if not self.redis.hsetnx(job_key, "retried_by", new_id):
@@ -188,8 +190,15 @@ class Submissions:
                     details={"retried_by": earlier},
                 )
             try:
+                if owned_input:
+                    # Its own name for the file: the failed job's is deleted with that job.
+                    path = Path(spec.kwargs["file_path"])
+                    linked = input_for_retry(path, stored_name(path.name), task_id=task_id)
+                    spec.kwargs["file_path"] = spec.retry_input = str(linked)
                 self.publisher.publish(spec, new_id, retry_of=task_id)
             except BaseException:
+                if spec.retry_input:
+                    Path(spec.retry_input).unlink(missing_ok=True)
                 self.redis.hdel(job_key, "retried_by")
                 raise
             return Submission(
@@ -208,8 +217,9 @@ class Submissions:
             principal, idempotency_key, fingerprint, {"task_id": str(uuid.uuid4())}, run, replay
         )
 
-    def _retry_spec(self, task_id: str, new_id: str) -> JobSpec:
-        """The spec a failed or cancelled job was submitted with; 404/409 otherwise."""
+    def _retry_spec(self, task_id: str, new_id: str) -> tuple[JobSpec, bool]:
+        """The spec a failed or cancelled job was submitted with, and whether its input
+        file is the job's own (an upload); 404, 409 or 410 (input deleted) otherwise."""
         info = self.store.get(task_id)
         if info is None:
             raise NotFoundError(f"no job with id {task_id}")
@@ -219,8 +229,8 @@ class Submissions:
                 "retried",
                 details={"status": info.status.value},
             )
-        raw_submission, content_key = self.redis.hmget(
-            self.store.keys.job(task_id), "submission", "content_key"
+        raw_submission, content_key, raw_owned = self.redis.hmget(
+            self.store.keys.job(task_id), "submission", "content_key", "owned_files"
         )
         if not raw_submission:
             raise ConflictError(
@@ -230,9 +240,12 @@ class Submissions:
             )
         submission = json.loads(raw_submission)
         file_path = submission["kwargs"].get("file_path")
+        owned_input = bool(file_path) and file_path in json.loads(_text(raw_owned) or "[]")
         if file_path and not Path(file_path).is_file():
+            if owned_input:
+                raise input_gone(task_id)
             raise ConflictError(
-                f"the uploaded file of job {task_id} is no longer stored; upload it again",
+                f"the input file of job {task_id} is no longer stored; submit it again",
                 details={"status": info.status.value},
             )
         kind = kind_of_task(submission.get("task", ""))
@@ -241,13 +254,14 @@ class Submissions:
                 f"job {task_id} ran a task the API does not submit",
                 details={"status": info.status.value},
             )
-        return JobSpec(
+        spec = JobSpec(
             kind=kind,
-            kwargs=submission["kwargs"],
+            kwargs=dict(submission["kwargs"]),
             webhook_url=info.webhook_url,
             content_key=_text(content_key) or new_id,
             request_key="",
         )
+        return spec, owned_input
 
     def cancel(self, task_id: str) -> tuple[str, TaskStatus]:
         """Cancel: ``revoked`` (was queued) or ``cancelling`` (running); 409 when finished."""
