@@ -5,7 +5,7 @@ these requests; figures in bench/results), calling the same functions as the rou
 key check (``scope_principal``, which is ``authenticate``), ``JobReads.record`` and
 ``status_response``, ``UrlIngestRequest`` and ``prepare_url``, ``Submissions.asubmit`` and
 ``accepted_headers``. Whatever is not their plain case goes on to the route unchanged (the
-body they read replayed), so every refusal keeps its shape; tests/e2e/test_fast_paths.py
+body they read replayed), so every refusal keeps its shape; tests/integration/test_api_wiring.py
 holds each answer equal to the route's.
 
 They skip router-level dependencies, so ``install_fast_paths`` refuses to install them when

@@ -2,8 +2,7 @@
 
 kombu's Redis channel builds a new redis-py client object for every message it publishes
 (tasks, task events) and for every ack (``Channel.conn_or_acquire``). Building one costs
-more than sending the command it is built for: with task events on, 16% of a worker's
-main process went to it (bench/ row 1). A redis-py client is thread-safe (each command
+more than sending the command it is built for. A redis-py client is thread-safe (each command
 takes a connection from the pool), so one client per channel and pool does the same work.
 
 It also keeps a worker alive when Redis goes away (Celery 5.7 / kombu 5.7): Celery's

@@ -2,7 +2,7 @@
 
 The seed keeps ``task_send_sent_event`` on, so monitors (Flower, ``celery events``) see a
 job from its submission. Celery publishes that event on its own, one Redis PUBLISH per
-job: a third of a producer's CPU per submission (bench/ rows 1b and 2). Producers hand
+job, a large part of a producer's CPU per submission. Producers hand
 it to ``SentEventBatcher`` instead, which publishes what gathered every
 ``EVENT_FLUSH_SECONDS`` as one ``task.multi`` message, the form Celery's workers use for
 their own batches and every event receiver unpacks. Events are a live feed, not morag's

@@ -12,13 +12,8 @@ uses ``post``; both are built on ``validate_url`` and ``safe_client``):
   nothing. The request URL is untouched, so the Host header, the connection pool key, TLS
   SNI and certificate verification all still use the host name.
 
-Library choice: ``safehttpx`` was rejected (it asks Google DNS-over-HTTPS, i.e. sends the
-name to a third party, is async-only, and checks only the first public answer).
-``ssrfguard`` (Apache-2.0, zero dependencies) has the same design as this module and is
-well tested, but it is a young single-author 0.x release whose policy model differs from
-ours (its host list narrows rather than exempts, ports are allow-listed, its own error
-tree and redirect counting), so wrapping it would cost about as much code as the ~150
-lines here. Revisit if it reaches 1.0.
+Written here rather than taken from safehttpx (sends names to a third-party resolver) or
+ssrfguard (a 0.x release with another policy model); revisit when ssrfguard reaches 1.0.
 """
 
 from __future__ import annotations

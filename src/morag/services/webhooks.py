@@ -15,9 +15,8 @@ Nothing lost:
 Nothing blocking: attempts run on a small thread pool in each worker's main process
 (``WebhookDispatcher``, fed by the worker's maintenance thread), never in the process
 pool that runs jobs. A receiver that hangs holds one delivery thread for at most
-``webhook_timeout_seconds`` per attempt; jobs and the API never wait for it. (A Celery
-task per delivery was the first design: measured under load, slow receivers then held
-the job processes, p50 of normal jobs 3.3 s instead of 0.05 s; tests/reliability.)
+``webhook_timeout_seconds`` per attempt; jobs and the API never wait for it (a task per
+delivery would let slow receivers hold the job processes).
 
 Delivery is at least once: a crash after a POST and before its bookkeeping sends the
 event again. The ``webhook-id`` header is the same for every attempt and copy of one
