@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from morag.core.config import settings
 from morag.core.errors import NotFoundError
 from morag.services.jobs import TaskStatus, get_job_store
 from morag.services.task_manager import task_manager
@@ -125,7 +126,7 @@ def test_progress_is_recorded_and_monotonic(workers) -> None:
     workers.start(queues="celery")
     job = probe.delay(steps=5, step_seconds=0.05)
     assert wait_final(job.id).status is TaskStatus.SUCCESS
-    history = get_job_store().history(job.id)
+    history = get_job_store(settings).history(job.id)
     states = [e["state"] for e in history]
     assert states[0] == "pending" and states[1] == "started" and states[-1] == "success"
     progress = [e["progress"] for e in history]
@@ -144,7 +145,7 @@ def test_queued_job_cancelled_without_workers_never_starts(workers) -> None:
     assert wait_final(follower.id).status is TaskStatus.SUCCESS  # the queue was drained
     info = task_manager.get_task_status(job.id)
     assert info.status is TaskStatus.REVOKED and info.attempts == 0
-    assert "started" not in [e["state"] for e in get_job_store().history(job.id)]
+    assert "started" not in [e["state"] for e in get_job_store(settings).history(job.id)]
 
 
 def test_running_job_cancelled_stops_within_two_seconds(workers) -> None:
@@ -210,7 +211,7 @@ def test_transient_errors_retry_then_fail_with_the_reason(workers) -> None:
     info = wait_final(job.id)
     assert info.status is TaskStatus.FAILURE and info.attempts == 3
     assert info.error_type == "TransientError" and "injected" in info.error
-    assert [e["state"] for e in get_job_store().history(job.id)].count("retry") == 2
+    assert [e["state"] for e in get_job_store(settings).history(job.id)].count("retry") == 2
 
 
 def test_unexpected_errors_fail_without_retry(workers) -> None:
@@ -227,3 +228,38 @@ def test_input_outside_allowed_roots_is_refused(workers, tmp_path: Path) -> None
     info = wait_final(process_document_task.delay(file_path=str(outside)).id)
     assert info.status is TaskStatus.FAILURE and info.error_type == "ForbiddenTargetError"
     assert info.attempts == 1
+
+
+def test_update_progress_keeps_its_metadata(workers) -> None:
+    """The seed's ``update_progress(progress, message, **metadata)``: the metadata of each
+    report reaches its history event, and the latest is kept in the record."""
+    workers.start()
+    job = probe.delay(steps=2, step_seconds=0)
+    assert wait_final(job.id).status is TaskStatus.SUCCESS
+    reports = [e for e in get_job_store(settings).history(job.id) if e["stage"] == "probing"]
+    assert [e["metadata"] for e in reports] == [{"step": 1}, {"step": 2}]
+    assert get_job_store(settings).get(job.id).progress_metadata == {"step": 2}
+
+
+def test_task_manager_contract_methods(workers) -> None:
+    """``update_task_progress`` records progress with its metadata on a running job;
+    ``cancel_task`` answers True when it stopped a job and False when it had finished."""
+    store = get_job_store(settings)
+    running = probe.delay(steps=200, step_seconds=0.05)  # no worker yet: it stays queued
+    assert store.start(running.id, worker="w", lease_seconds=30, max_attempts=3).outcome == "ok"
+    answer = task_manager.update_task_progress(running.id, 0.4, "halfway", {"pages": 3}, "reading")
+    assert answer == "ok"
+    info = task_manager.get_task_status(running.id)
+    assert (info.progress, info.stage, info.message) == (0.4, "reading", "halfway")
+    assert info.progress_metadata == {"pages": 3}
+    assert store.history(running.id)[-1]["metadata"] == {"pages": 3}
+
+    queued = probe.delay(steps=0)
+    assert task_manager.cancel_task(queued.id) is True
+    assert task_manager.get_task_status(queued.id).status is TaskStatus.REVOKED
+    workers.start()
+    done = probe.delay(steps=0)
+    assert wait_final(done.id).status is TaskStatus.SUCCESS
+    assert task_manager.cancel_task(done.id) is False
+    assert task_manager.get_task_status(running.id).completed_at is None
+    assert task_manager.get_task_status(done.id).completed_at is not None

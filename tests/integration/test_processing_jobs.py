@@ -38,7 +38,7 @@ def run(job, timeout: float = 90):
 
 def stages(task_id: str) -> list[str]:
     seen: list[str] = []
-    for event in get_job_store().history(task_id):
+    for event in get_job_store(settings).history(task_id):
         if event["state"] == "progress" and (not seen or seen[-1] != event["stage"]):
             seen.append(event["stage"])
     return seen
@@ -89,11 +89,11 @@ def test_document_job(all_queues, upload_dir: Path) -> None:
     path = make_docx(upload_dir / "report.docx")
     info = run(process_document_task.delay(file_path=str(path), metadata={"team": "ops"}))
     assert info.status is TaskStatus.SUCCESS, info.error
-    result = get_job_store().result(info.task_id)
+    result = get_job_store(settings).result(info.task_id)
     assert "# Quarterly Report" in result["markdown"] and "| North" in result["markdown"]
     assert result["chunks"] and result["chunks"][0]["metadata"]["heading_path"]
     assert stages(info.task_id)[0] == "validating" and "chunking" in stages(info.task_id)
-    progress = [e["progress"] for e in get_job_store().history(info.task_id)]
+    progress = [e["progress"] for e in get_job_store(settings).history(info.task_id)]
     assert progress == sorted(progress)
 
 
@@ -101,7 +101,7 @@ def test_pdf_pages_reach_the_chunks(all_queues, upload_dir: Path) -> None:
     path = make_pdf(upload_dir / "pages.pdf", pages=4)
     info = run(process_document_task.delay(file_path=str(path)))
     assert info.status is TaskStatus.SUCCESS, info.error
-    result = get_job_store().result(info.task_id)
+    result = get_job_store(settings).result(info.task_id)
     assert result["metadata"]["page_count"] == 4
     pages = {p for c in result["chunks"] for p in c["metadata"].get("pages", [])}
     assert pages == {1, 2, 3, 4}
@@ -110,7 +110,7 @@ def test_pdf_pages_reach_the_chunks(all_queues, upload_dir: Path) -> None:
 def test_web_job(all_queues, page_server: str) -> None:
     info = run(process_web_task.delay(url=f"{page_server}/article"))
     assert info.status is TaskStatus.SUCCESS, info.error
-    result = get_job_store().result(info.task_id)
+    result = get_job_store(settings).result(info.task_id)
     assert result["metadata"]["title"] == "Queues that keep jobs"
     assert "Part 3" in result["markdown"]
     assert all(c["metadata"]["url"].startswith(page_server) for c in result["chunks"])
@@ -121,7 +121,7 @@ def test_audio_job(all_queues, upload_dir: Path) -> None:
     shutil.copy(SPEECH, path)
     info = run(process_audio_task.delay(file_path=str(path)))
     assert info.status is TaskStatus.SUCCESS, info.error
-    result = get_job_store().result(info.task_id)
+    result = get_job_store(settings).result(info.task_id)
     assert "fox" in result["markdown"].lower()
     assert result["chunks"][0]["metadata"]["end"] > result["chunks"][0]["metadata"]["start"]
     assert "transcribing" in stages(info.task_id)
@@ -131,7 +131,7 @@ def test_video_job(all_queues, upload_dir: Path) -> None:
     path = make_video(upload_dir / "clip.mp4", seconds=6)
     info = run(process_video_task.delay(file_path=str(path)))
     assert info.status is TaskStatus.SUCCESS, info.error
-    result = get_job_store().result(info.task_id)
+    result = get_job_store(settings).result(info.task_id)
     assert len(result["artifacts"]) >= 2
     for artifact in result["artifacts"]:
         assert (settings.artifact_dir / artifact["path"]).is_file()

@@ -10,6 +10,7 @@ from datetime import datetime
 
 import pytest
 
+from morag.core.config import settings
 from morag.core.errors import JobCancelledError
 from morag.services.jobs import JobStore, TaskStatus, get_job_store
 from morag.tasks.processing import _lease_keeper, _ProgressWriter
@@ -33,7 +34,7 @@ def stages(store: JobStore, task_id: str) -> list[tuple[str, str]]:
 
 
 def test_reports_of_a_short_job_are_written_with_its_outcome() -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     job = claimed_job(store)
     job.report(0.3, "reading", None)  # held: the claim was just written
     job.report(0.6, None, "more")  # the latest report of that stage
@@ -55,7 +56,7 @@ def test_reports_of_a_short_job_are_written_with_its_outcome() -> None:
 
 
 def test_a_held_report_is_written_when_due_with_the_time_it_was_made() -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     job = claimed_job(store)
     _lease_keeper.hold(job)
     try:
@@ -77,7 +78,7 @@ def test_a_held_report_is_written_when_due_with_the_time_it_was_made() -> None:
 
 
 def test_a_cancel_answered_to_a_held_write_stops_the_job_at_its_next_report() -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     job = claimed_job(store)
     _lease_keeper.hold(job)
     try:

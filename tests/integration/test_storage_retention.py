@@ -49,7 +49,7 @@ def submit_upload(
 
 
 def wait_final(task_id: str, timeout: float = 60) -> TaskStatus:
-    store = get_job_store()
+    store = get_job_store(settings)
     return wait_for(
         lambda: (i := store.get(task_id)) is not None and i.status.is_final and i.status,
         timeout,
@@ -68,7 +68,7 @@ def janitor_rounds(client: redis.Redis, rounds: int = 2, timeout: float = 30) ->
     after it was deleted marks a round under way, so the second return marks a whole
     round (inputs swept) that started after this call.
     """
-    lock = get_job_store().keys.index_prune_lock
+    lock = get_job_store(settings).keys.index_prune_lock
     for n in range(rounds):
         client.delete(lock)
         wait_for(lambda: client.exists(lock), timeout, f"janitor round {n + 1}")
@@ -79,7 +79,7 @@ def test_a_finished_jobs_upload_is_deleted(workers, service, upload_dir: Path) -
     task_id, path = submit_upload(service, upload_dir, b"# Done\n\nA finished job.\n")
     assert wait_final(task_id) is TaskStatus.SUCCESS
     wait_gone(path)
-    store = get_job_store()
+    store = get_job_store(settings)
     wait_for(lambda: store.redis.zcard(store.keys.inputs_due) == 0, 10, "the entry to go")
 
 
@@ -98,7 +98,10 @@ def test_a_failed_jobs_upload_is_deleted_and_a_retry_says_so(
     assert "deleted when the job finished" in error.message
     assert "MORAG_KEEP_INPUTS_UNTIL_EXPIRY" in error.message
     # the refusal left nothing behind: no retry recorded, no file
-    assert get_job_store().redis.hget(get_job_store().keys.job(task_id), "retried_by") is None
+    assert (
+        get_job_store(settings).redis.hget(get_job_store(settings).keys.job(task_id), "retried_by")
+        is None
+    )
     assert set(upload_dir.iterdir()) == files_before
 
 
@@ -113,7 +116,7 @@ def test_a_queued_job_cancelled_before_any_worker_saw_it(
     assert path.exists()
     workers.start(queues="celery")
     wait_gone(path)
-    assert get_job_store().history(task_id)[-1]["state"] == "revoked"
+    assert get_job_store(settings).history(task_id)[-1]["state"] == "revoked"
 
 
 def test_inputs_are_kept_until_expiry_with_the_setting(
@@ -128,14 +131,14 @@ def test_inputs_are_kept_until_expiry_with_the_setting(
     # ... so a retry finds it, under a name of its own
     retried = service.submissions.retry(task_id)
     retry_input = json.loads(
-        redis_client.hget(get_job_store().keys.job(retried.task_id), "owned_files")
+        redis_client.hget(get_job_store(settings).keys.job(retried.task_id), "owned_files")
     )
     assert retry_input != [str(path)] and Path(retry_input[0]).read_bytes() == path.read_bytes()
     assert wait_final(retried.task_id) is TaskStatus.FAILURE
 
     # ... and it goes when the record does (a janitor looking from after the retention)
     janitor = StorageJanitor(
-        get_job_store(),
+        get_job_store(settings),
         upload_dir=upload_dir,
         artifact_dir=upload_dir,
         keep_inputs_until_expiry=True,
@@ -146,7 +149,7 @@ def test_inputs_are_kept_until_expiry_with_the_setting(
 
 
 def test_a_download_is_owned_by_its_job() -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     task_id = str(uuid.uuid4())
     store.create(task_id, kind="audio", queue="audio_processing", task_name="audio")
     path = settings.upload_dir / f"{task_id}.wav"  # type: ignore[operator]
@@ -160,7 +163,7 @@ def test_a_download_is_owned_by_its_job() -> None:
 
 
 def test_files_outside_the_upload_dir_are_never_deleted(tmp_path: Path) -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     outside = tmp_path / "users-own.md"
     outside.write_text("mine")
     store.redis.zadd(
@@ -202,7 +205,7 @@ def test_prune_index_removes_only_entries_whose_records_expired(
 
 def test_a_worker_prunes_the_index_of_expired_jobs(workers, redis_client: redis.Redis) -> None:
     workers.start(queues="celery", result_retention_seconds="1", index_prune_interval="0.2")
-    store = get_job_store()
+    store = get_job_store(settings)
     job = probe.apply_async(kwargs={"steps": 0})
     assert wait_final(job.id) is TaskStatus.SUCCESS
     wait_for(lambda: not redis_client.exists(store.keys.job(job.id)), 10, "the record to expire")
@@ -243,7 +246,7 @@ def test_every_key_a_finished_job_leaves_expires(
     workers, service, upload_dir: Path, redis_client: redis.Redis, namespace: str
 ) -> None:
     workers.start(queues="document_processing,celery")
-    store = get_job_store()
+    store = get_job_store(settings)
     uploads = [store_upload(upload_dir, f"# Upload {n}\n".encode()) for n in range(4)]
     ok = service.submissions.submit(service.checks.prepare_file(uploads[0])).task_id
     idem = service.submissions.submit(
@@ -282,7 +285,7 @@ def test_every_key_a_finished_job_leaves_expires(
 
 
 def test_keyframes_go_when_the_record_expires(tmp_path: Path) -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     task_id = str(uuid.uuid4())
     store.create(task_id, kind="video", queue="video_processing", task_name="video")
     store.start(task_id, worker="w", lease_seconds=5, max_attempts=3)

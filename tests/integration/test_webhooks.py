@@ -46,12 +46,12 @@ def signing(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def submit(url: str, **kwargs: Any) -> str:
-    publisher = JobPublisher(get_job_store(), celery_app)
+    publisher = JobPublisher(get_job_store(settings), celery_app)
     return publisher.send(probe.name, kind="system", kwargs=kwargs, extra={"webhook_url": url})
 
 
 def webhook_events(task_id: str) -> list[dict[str, Any]]:
-    return [e for e in get_job_store().history(task_id) if e["stage"] == "webhook"]
+    return [e for e in get_job_store(settings).history(task_id) if e["stage"] == "webhook"]
 
 
 def wait_webhook_outcome(task_id: str, outcome: str, timeout: float = 30) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def verified(request: Received, secret: str = SECRET) -> dict[str, Any]:
 
 
 def test_every_final_transition_owes_exactly_one_webhook() -> None:
-    store = get_job_store()
+    store = get_job_store(settings)
     outbox = store.redis
 
     def new(webhook: bool = True) -> str:
@@ -159,7 +159,7 @@ def test_refused_targets_are_recorded_and_never_contacted(
 
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
     server = receiver()
-    store = get_job_store()
+    store = get_job_store(settings)
     private, loopback = "http://10.0.0.1/hook", server.url()
     ids = {}
     for name, url in (("private", private), ("loopback", loopback)):

@@ -117,7 +117,7 @@ def test_hostile_files_through_the_api(
 ) -> None:
     base, _ = api_process()
     worker = workers.start(concurrency=2)  # every queue
-    store = get_job_store()
+    store = get_job_store(settings)
     accepted: dict[str, str] = {}
     outcomes: dict[str, str] = {}
     wrong = []

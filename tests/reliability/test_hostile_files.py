@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from morag.core.config import settings
 from morag.services.jobs import TaskStatus, get_job_store
 from tests.reliability.hostile_inputs import FILE_CASES
 from tests.reliability.support import RssSampler, Tally, audit, wait_all_final
@@ -29,7 +30,7 @@ def test_hostile_files_fail_clearly_and_the_worker_survives(
     workers, submitter, report, upload_dir: Path, tmp_path: Path
 ) -> None:
     worker = workers.start(concurrency=2)  # every queue
-    store = get_job_store()
+    store = get_job_store(settings)
     cases, normal = {}, []
     with RssSampler() as rss:
         rss.watch("worker", worker.pid)

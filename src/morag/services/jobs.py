@@ -93,6 +93,7 @@ class TaskInfo:
     webhook_url: str | None = None
     retry_of: str | None = None
     retry_at: datetime | None = None
+    progress_metadata: dict[str, Any] = field(default_factory=dict)  # of the latest report
 
     @property
     def completed_at(self) -> datetime | None:
@@ -126,6 +127,7 @@ class TaskInfo:
             webhook_url=h.get("webhook_url") or None,
             retry_of=h.get("retry_of") or None,
             retry_at=_parse_ts(h.get("retry_at")),
+            progress_metadata=json.loads(h.get("progress_metadata") or "{}"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +164,13 @@ local function emit(history_key, channel, ts, state, progress, stage, message, a
     redis.call('LTRIM', history_key, -HISTORY_MAX, -1)
   end
   redis.call('PUBLISH', channel, payload)
+end
+-- A progress report's metadata (JSON, '' for none): kept in the record as the latest, and
+-- in the report's event.
+local function report_metadata(job_key, metadata_json)
+  if not metadata_json or metadata_json == '' then return nil end
+  redis.call('HSET', job_key, 'progress_metadata', metadata_json)
+  return {metadata=cjson.decode(metadata_json)}
 end
 local function is_final(state)
   return state == 'success' or state == 'failure' or state == 'revoked'
@@ -274,7 +283,8 @@ return {'ok', tostring(attempts)}
 """
 )
 
-# KEYS: job, history, lease, channel | ARGV: ts, progress, stage, message, worker, lease_ms
+# KEYS: job, history, lease, channel | ARGV: ts, progress, stage, message, worker, lease_ms,
+#       metadata_json ('' for none)
 # Returns: ok | cancel | stop:<state>
 _PROGRESS = (
     _EMIT
@@ -287,7 +297,8 @@ local progress = math.max(tonumber(h[3] or '0'), tonumber(ARGV[2]))
 redis.call('HSET', KEYS[1], 'state', 'progress', 'progress', progress, 'stage', ARGV[3],
            'message', ARGV[4], 'updated_at', ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
-emit(KEYS[2], KEYS[4], ARGV[1], 'progress', progress, ARGV[3], ARGV[4], h[4], nil)
+emit(KEYS[2], KEYS[4], ARGV[1], 'progress', progress, ARGV[3], ARGV[4], h[4],
+     report_metadata(KEYS[1], ARGV[7]))
 return 'ok'
 """
 )
@@ -295,7 +306,7 @@ return 'ok'
 # KEYS: job, history, lease, channel, result, outbox, inputs due, artifacts due | ARGV: ts,
 #       state, message, error_type,
 #       error_message, summary_json, result_json, retention_s, worker, then optionally the
-#       last progress report not yet written: its ts, progress, stage, message
+#       last progress report not yet written: its ts, progress, stage, message, metadata_json
 # Returns {outcome, state}: ok | final | missing
 _FINISH = (
     _EMIT
@@ -313,7 +324,8 @@ local progress = h[3] or '0'
 if ARGV[10] and (current == 'started' or current == 'progress') then
   -- the report the job made just before finishing, in its place in the history
   progress = math.max(tonumber(progress), tonumber(ARGV[11]))
-  emit(KEYS[2], KEYS[4], ARGV[10], 'progress', progress, ARGV[12], ARGV[13], h[4], nil)
+  emit(KEYS[2], KEYS[4], ARGV[10], 'progress', progress, ARGV[12], ARGV[13], h[4],
+       report_metadata(KEYS[1], ARGV[14]))
 end
 local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
                 'updated_at', ARGV[1]}
@@ -480,6 +492,7 @@ class ProgressReport:
     stage: str
     message: str
     at: datetime
+    metadata: dict[str, Any] | None = None  # the seed's ``update_progress(..., **metadata)``
 
 
 class JobStore:
@@ -631,9 +644,11 @@ class JobStore:
         worker: str,
         lease_seconds: float,
         at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> str:
-        """Record progress (made at ``at``, default now); answers ok, cancel (stop now) or
-        stop:<state> (record is final)."""
+        """Record progress (made at ``at``, default now) with the report's ``metadata``
+        (kept in the record and the event); answers ok, cancel (stop now) or stop:<state>
+        (record is final)."""
         answer = self._progress(
             keys=[
                 self.keys.job(task_id),
@@ -648,6 +663,7 @@ class JobStore:
                 message,
                 worker,
                 int(lease_seconds * 1000),
+                json.dumps(metadata) if metadata else "",
             ],
         )
         return _s(answer)
@@ -675,6 +691,7 @@ class JobStore:
                 min(max(last_report.progress, 0.0), 1.0),
                 last_report.stage,
                 last_report.message,
+                json.dumps(last_report.metadata) if last_report.metadata else "",
             ]
         outcome, final_state = self._finish(
             keys=[
@@ -845,12 +862,11 @@ class JobStore:
 _stores: dict[tuple[str, str], JobStore] = {}
 
 
-def get_job_store(cfg: Settings | None = None) -> JobStore:
-    """The job store for these settings, shared in this process."""
-    from morag.core.config import settings as default_settings
+def get_job_store(cfg: Settings) -> JobStore:
+    """The job store for these settings, shared in this process (the worker's tasks and
+    signal handlers pass the worker's settings)."""
     from morag.core.redis_conn import get_redis
 
-    cfg = cfg or default_settings
     key = (cfg.redis_url, cfg.key_prefix)
     store = _stores.get(key)
     if store is None:

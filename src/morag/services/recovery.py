@@ -72,17 +72,13 @@ class RecoveryLoop:
         *,
         interval: float,
         grace_seconds: float,
-        confirm_seconds: float | None = None,
+        confirm_seconds: float,
     ) -> None:
-        from morag.core.config import settings
-
         self.app = app
         self.store = store
         self.interval = interval
         self.grace_seconds = grace_seconds
-        self.confirm_seconds = (
-            settings.lease_seconds / 3 if confirm_seconds is None else confirm_seconds
-        )
+        self.confirm_seconds = confirm_seconds
         self._unleased_since: dict[bytes, float] = {}  # running jobs' tags seen without lease
         self._redis_run_id: str | None = None
         self._last_pass: float | None = None
@@ -164,18 +160,20 @@ class RecoveryLoop:
             )
             logger.error("job lost by the broker; failed", task_id=info.task_id)
             return
+        # The event first: once sent, a worker may start the job before it is written.
+        self.store.append_event(
+            info.task_id,
+            stage="requeued",
+            message="the broker lost this job's message (Redis restarted while delivering "
+            "it); queued again",
+        )
         self.app.send_task(
             submission["task"],
             args=submission.get("args") or (),
             kwargs=submission.get("kwargs") or {},
             task_id=info.task_id,
             queue=info.queue or None,
-        )
-        self.store.append_event(
-            info.task_id,
-            stage="requeued",
-            message="the broker lost this job's message (Redis restarted while delivering "
-            "it); queued again",
+            ignore_result=True,  # the record holds the result (see services/ingestion/publisher.py)
         )
         logger.warning("job lost by the broker; queued again", task_id=info.task_id)
 

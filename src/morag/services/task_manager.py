@@ -91,7 +91,8 @@ class TaskManager:
         metadata: dict[str, Any] | None = None,
         stage: str = "processing",
     ) -> str:
-        """Record progress of a running job (answers ok, cancel or stop:<state>)."""
+        """Record progress of a running job, with ``metadata`` kept in its record and
+        history (answers ok, cancel or stop:<state>)."""
         return self.store.progress(
             task_id,
             progress,
@@ -99,6 +100,7 @@ class TaskManager:
             message or stage,
             worker="",
             lease_seconds=self.settings.lease_seconds,
+            metadata=metadata,
         )
 
     # -- cancellation -----------------------------------------------------------------------

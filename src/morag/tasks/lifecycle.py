@@ -73,8 +73,7 @@ def _prepare_child(**_: Any) -> None:
         except Exception as exc:  # the jobs will fail with the reason; the worker stays up
             logger.error("could not load the speech model", error=str(exc))
     # Everything loaded so far (modules, the model) lives as long as the process: out of
-    # the collector's sight it is never scanned again, and its pages stay shared with the
-    # parent. Documents: 10% less CPU per file (bench/ row 5).
+    # the collector's sight it is never scanned again, and its pages stay shared.
     gc.freeze()
 
 
@@ -88,8 +87,8 @@ class TaskEventBatching(bootsteps.StartStopStep):  # type: ignore[misc]
     """Publish the worker's task events in batches, at most ``EVENT_FLUSH_SECONDS`` late.
 
     Celery buffers task events but flushes the buffer on the next turn of the event loop,
-    which under load is one Redis publish per event, three per job: 35% of the worker's
-    main process on no-op jobs (bench/ row 1). Events are a live feed for monitors
+    which under load is one Redis publish per event, three per job. Events are a live
+    feed for monitors
     (Flower, ``celery events``), not morag's record, so a tenth of a second is no loss;
     a full buffer (24 events) still goes out at once, and the rest at shutdown.
     """
@@ -135,7 +134,7 @@ def _record_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     if request is None or not request.id:
         return
     message = "cancelled while running" if terminated else "cancelled before it started"
-    get_job_store().finish(request.id, TaskStatus.REVOKED, message=message)
+    get_job_store(settings).finish(request.id, TaskStatus.REVOKED, message=message)
     logger.info("job revoked", task_id=request.id, terminated=terminated)
 
 
@@ -145,9 +144,9 @@ class FrequentPoolMaintenance(bootsteps.StartStopStep):  # type: ignore[misc]
     The prefork pool replaces a process that exited only if it is already reapable when
     its exit is noticed; otherwise at its next maintenance, every 5 s. Until then its slot
     stays empty, and a job handed to it just before it left waits (celery/celery#9588).
-    That happens after ``revoke(terminate=True)`` (bench/: cancel p99 4.5 s, bare Celery
-    alike) and when a process is recycled after ``worker_max_tasks_per_child`` jobs (1-3 s
-    stalls in bench/ row 1). Looking often (a ``waitpid`` per process) closes both.
+    That happens after ``revoke(terminate=True)`` and when a process is recycled after
+    ``worker_max_tasks_per_child`` jobs. Looking often (a ``waitpid`` per process) closes
+    both.
     """
 
     requires = ("celery.worker.consumer.connection:Connection",)
@@ -180,7 +179,7 @@ def _record_hard_timeout(
     if task_id and isinstance(exception, TimeLimitExceeded):
         limit = getattr(sender, "time_limit", None)
         message = f"the job was killed at its hard time limit of {limit} s"
-        get_job_store().finish(
+        get_job_store(settings).finish(
             task_id,
             TaskStatus.FAILURE,
             message=message,
@@ -209,21 +208,22 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
     registry = WorkerRegistry(get_redis(settings.redis_url), settings.key_prefix)
     recovery = RecoveryLoop(
         sender.app,
-        get_job_store(),
+        get_job_store(settings),
         interval=settings.recovery_interval,
         grace_seconds=settings.recovery_grace_seconds,
+        confirm_seconds=settings.lease_seconds / 3,
     )
     webhooks = None
     if settings.webhook_delivery_threads:
         _hold_log_locks_across_fork()  # delivery threads log while the pool forks children
         webhooks = WebhookDispatcher(
             WebhookOutbox(get_redis(settings.redis_url), settings.key_prefix),
-            WebhookSender(get_job_store(), settings),
+            WebhookSender(get_job_store(settings), settings),
             threads=settings.webhook_delivery_threads,
         )
     assert settings.upload_dir is not None and settings.artifact_dir is not None
     janitor = StorageJanitor(
-        get_job_store(),
+        get_job_store(settings),
         upload_dir=settings.upload_dir,
         artifact_dir=settings.artifact_dir,
         keep_inputs_until_expiry=settings.keep_inputs_until_expiry,
@@ -231,11 +231,9 @@ def _start_maintenance(sender: Any = None, **_: Any) -> None:
     )
     _maintenance.append(_Maintenance(registry, recovery, webhooks, janitor))
     _maintenance[-1].start()
-    # The pool forks a new child every worker_max_tasks_per_child jobs. After each fork a
-    # collection in this process writes to the header of every object it scans, copying
-    # the pages it shares with the child: ~0.3 s of CPU per fork, a quarter of a no-op
-    # job's cost (bench/ row 1). Everything loaded by now lives as long as the worker, so
-    # the collector need not scan it again.
+    # The pool forks a new child every worker_max_tasks_per_child jobs; a collection here
+    # after each fork would copy every page it shares with the child. Everything loaded
+    # by now lives as long as the worker, so the collector need not scan it again.
     gc.freeze()
 
 

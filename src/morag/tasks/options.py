@@ -179,7 +179,7 @@ def _owned_by(task: Any) -> Callable[[Path], object] | None:
         return None
     from morag.services.jobs import get_job_store
 
-    return lambda path: get_job_store().own_file(task.request.id, str(path))
+    return lambda path: get_job_store(settings).own_file(task.request.id, str(path))
 
 
 def media_input(task: Any, file_path: str, url: str) -> Path:

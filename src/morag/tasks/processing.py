@@ -99,7 +99,13 @@ class _ProgressWriter:
         """When the held report is to be written (monotonic), if one is held."""
         return self._last_write + self.min_interval if self._held is not None else None
 
-    def report(self, progress: float, stage: str | None, message: str | None) -> None:
+    def report(
+        self,
+        progress: float,
+        stage: str | None,
+        message: str | None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         """Take a report. Raises JobCancelledError when a write answered that the job
         must stop."""
         with self._lock:
@@ -107,7 +113,7 @@ class _ProgressWriter:
                 return  # the job has its outcome: nothing more to report
             stage = stage or self._stage or "processing"
             new_stage, self._stage = stage != self._stage, stage
-            report = ProgressReport(progress, stage, message or stage, utcnow())
+            report = ProgressReport(progress, stage, message or stage, utcnow(), metadata)
             if time.monotonic() - self._last_write < self.min_interval:
                 if new_stage and self._held is not None and self._held.stage != stage:
                     self._write(self._held)  # two stages in one interval: keep both
@@ -149,6 +155,7 @@ class _ProgressWriter:
                 worker=self.worker,
                 lease_seconds=settings.lease_seconds,
                 at=report.at,
+                metadata=report.metadata,
             )
         except _REDIS_DOWN as exc:
             # Progress is a report, not the job: carry on and write the next one.
@@ -235,7 +242,7 @@ class ProcessingTask(BaseTask):
         return super().apply_async(args, kwargs, task_id=task_id, **options)
 
     def create_job_record(self, task_id: str, args: Any, kwargs: dict[str, Any]) -> str | None:
-        return get_job_store().create_submitted(
+        return get_job_store(settings).create_submitted(
             task_id,
             task_name=self.name,
             kind=self.kind,
@@ -253,7 +260,7 @@ class ProcessingTask(BaseTask):
         task_id = self.request.id
         if self.request.called_directly or not task_id:
             return self.run(*args, **kwargs)  # plain function call: no job record
-        store = get_job_store()
+        store = get_job_store(settings)
         worker = worker_identity()
         claim = _patiently(
             store.start,
@@ -366,7 +373,8 @@ class ProcessingTask(BaseTask):
     def update_progress(
         self, progress: float, message: str | None = None, stage: str | None = None, **metadata: Any
     ) -> None:
-        """Report progress (0..1). Raises JobCancelledError when the job was cancelled.
+        """Report progress (0..1), with ``metadata`` kept in the record and the history.
+        Raises JobCancelledError when the job was cancelled.
 
         Every stage reaches the record, percentage-only updates at most every
         ``settings.progress_min_interval`` seconds (``_ProgressWriter``).
@@ -374,7 +382,7 @@ class ProcessingTask(BaseTask):
         job = getattr(self, "_job", None)
         if job is None or self.request.called_directly:
             return
-        job.report(progress, stage, message)
+        job.report(progress, stage, message, metadata or None)
 
     def progress_callback(self, fraction: float, stage: str, message: str = "") -> None:
         """The ``ProgressCallback`` handed to processors."""

@@ -37,5 +37,7 @@ def probe(
     for step in range(steps):
         if step_seconds:
             time.sleep(step_seconds)
-        self.update_progress((step + 1) / steps, f"step {step + 1} of {steps}", stage="probing")
+        self.update_progress(
+            (step + 1) / steps, f"step {step + 1} of {steps}", stage="probing", step=step + 1
+        )
     return {"steps": steps, "step_seconds": step_seconds, "pid": os.getpid()}

@@ -82,6 +82,9 @@ class JobPublisher:
             kwargs=kwargs,
             task_id=task_id,
             event_dispatcher=sent_event_batcher(self.celery),
+            # The record holds the result. Sent by name, the task's own ignore_result is
+            # unknown here, and Celery would subscribe to a result channel per message.
+            ignore_result=True,
             **options,
         )
         return task_id
