@@ -45,22 +45,23 @@ class IdempotencyKeys:
             return run(record)
         name = self.keys.idempotency(principal, key)
         record = {**record, "fingerprint": fingerprint}
+        claimed = json.dumps(record)  # a snapshot: ``run`` may change the record in place
         while True:
             stored = self._stored(name, fingerprint)
             if stored is not None:
                 return replay(stored)
-            if self.redis.set(name, json.dumps(record), nx=True, ex=self.retention_seconds):
+            if self.redis.set(name, claimed, nx=True, ex=self.retention_seconds):
                 break
             # Another request with this key claimed it between the read and the write:
             # this one is its repeat.
-        claimed = dict(record)
         try:
             answer = run(record)
         except BaseException:
-            self._release(name, json.dumps(claimed))
+            self._release(name, claimed)
             raise
-        if record != claimed:
-            self.redis.set(name, json.dumps(record), xx=True, ex=self.retention_seconds)
+        answered = json.dumps(record)
+        if answered != claimed:
+            self.redis.set(name, answered, xx=True, ex=self.retention_seconds)
         return answer
 
     def _stored(self, name: str, fingerprint: str) -> dict[str, Any] | None:
