@@ -175,26 +175,30 @@ end
 local function is_final(state)
   return state == 'success' or state == 'failure' or state == 'revoked'
 end
--- Called by every transition to a final state: the webhook it owes is queued in the same
--- atomic write, so a process dying right after the transition loses no webhook.
-local function webhook_due(job_key, outbox_key, state, ts)
-  local url = redis.call('HGET', job_key, 'webhook_url')
-  if url and url ~= '' then
-    redis.call('RPUSH', outbox_key, cjson.encode(
-      {task_id=redis.call('HGET', job_key, 'id'), state=state, ts=ts}))
-  end
-end
--- Also called by every final transition: the files the job leaves behind (its owned inputs,
--- a video job's keyframes) become due for deletion in the same atomic write, so a process
--- dying right after the transition leaves no file behind for good (services/retention.py).
-local function files_due(job_key, inputs_key, artifacts_key)
-  local h = redis.call('HMGET', job_key, 'id', 'owned_files', 'kind')
+-- The files a job leaves behind (its owned inputs, a video job's keyframes) become due for
+-- deletion, by the time it ended (services/retention.py).
+local function files_due(inputs_key, artifacts_key, id, owned_files, kind)
+  local has_inputs = owned_files and owned_files ~= '' and owned_files ~= '[]'
+  if not has_inputs and kind ~= 'video' then return end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  if h[2] and h[2] ~= '' and h[2] ~= '[]' then
-    redis.call('ZADD', inputs_key, now, cjson.encode({task_id=h[1], files=cjson.decode(h[2])}))
+  if has_inputs then
+    redis.call('ZADD', inputs_key, now, cjson.encode({task_id=id, files=cjson.decode(owned_files)}))
   end
-  if h[3] == 'video' then redis.call('ZADD', artifacts_key, now, h[1]) end
+  if kind == 'video' then redis.call('ZADD', artifacts_key, now, id) end
+end
+-- What every transition to a final state owes, in the same atomic write, so a process dying
+-- right after it loses nothing: the record and its history expire with the retention, the
+-- webhook is queued (services/webhooks.py), the job's files become due for deletion.
+local function ended(job_key, history_key, retention, outbox_key, inputs_key, artifacts_key,
+                     state, ts)
+  redis.call('EXPIRE', job_key, retention)
+  redis.call('EXPIRE', history_key, retention)
+  local h = redis.call('HMGET', job_key, 'id', 'webhook_url', 'owned_files', 'kind')
+  if h[2] and h[2] ~= '' then
+    redis.call('RPUSH', outbox_key, cjson.encode({task_id=h[1], state=state, ts=ts}))
+  end
+  files_due(inputs_key, artifacts_key, h[1], h[3], h[4])
 end
 """.replace("HISTORY_MAX", str(HISTORY_MAX))
 
@@ -250,10 +254,7 @@ if h[4] then
              'updated_at', ARGV[1], 'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
        attempts, nil)
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
-  redis.call('EXPIRE', KEYS[2], ARGV[8])
-  webhook_due(KEYS[1], KEYS[5], 'revoked', ARGV[1])
-  files_due(KEYS[1], KEYS[6], KEYS[7])
+  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'revoked', ARGV[1])
   return {'cancelled', 'revoked'}
 end
 local holder = redis.call('GET', KEYS[3])
@@ -265,10 +266,7 @@ if attempts >= tonumber(ARGV[4]) then
              'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
              'message', msg)
   emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
-  redis.call('EXPIRE', KEYS[2], ARGV[8])
-  webhook_due(KEYS[1], KEYS[5], 'failure', ARGV[1])
-  files_due(KEYS[1], KEYS[6], KEYS[7])
+  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'failure', ARGV[1])
   return {'exhausted', tostring(attempts)}
 end
 attempts = attempts + 1
@@ -344,11 +342,8 @@ end
 add('progress', progress)
 redis.call('HSET', KEYS[1], unpack(fields))
 if redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
 emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message, h[4], nil)
-webhook_due(KEYS[1], KEYS[6], state, ARGV[1])
-files_due(KEYS[1], KEYS[7], KEYS[8])
+ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1])
 return {'ok', state}
 """
 )
@@ -384,12 +379,9 @@ local attempts = redis.call('HGET', KEYS[1], 'attempts')
 if state == 'pending' or state == 'retry' then
   redis.call('HSET', KEYS[1], 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[1],
              'message', 'cancelled before it started')
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
   emit(KEYS[2], KEYS[3], ARGV[1], 'revoked', progress, 'revoked',
        'cancelled before it started', attempts, nil)
-  webhook_due(KEYS[1], KEYS[4], 'revoked', ARGV[1])
-  files_due(KEYS[1], KEYS[5], KEYS[6])
+  ended(KEYS[1], KEYS[2], ARGV[2], KEYS[4], KEYS[5], KEYS[6], 'revoked', ARGV[1])
   return {'revoked', 'revoked'}
 end
 emit(KEYS[2], KEYS[3], ARGV[1], state, progress, 'cancelling', 'cancellation requested',
@@ -438,7 +430,7 @@ return 'gone'
 _OWN_FILE = (
     _EMIT
     + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owned_files')
+local h = redis.call('HMGET', KEYS[1], 'state', 'owned_files', 'id', 'kind')
 if not h[1] then return 'missing' end
 local files = {}
 if h[2] and h[2] ~= '' then files = cjson.decode(h[2]) end
@@ -446,9 +438,10 @@ for _, path in ipairs(files) do
   if path == ARGV[1] then return 'ok' end
 end
 files[#files + 1] = ARGV[1]
-redis.call('HSET', KEYS[1], 'owned_files', cjson.encode(files))
+local owned = cjson.encode(files)
+redis.call('HSET', KEYS[1], 'owned_files', owned)
 if is_final(h[1]) then
-  files_due(KEYS[1], KEYS[2], KEYS[3])
+  files_due(KEYS[2], KEYS[3], h[3], owned, h[4])
   return 'final'
 end
 return 'ok'
