@@ -92,6 +92,13 @@ def up(
         if value:
             os.environ[f"MORAG_{name}"] = str(value)
     cfg = Settings()
+    from morag.api.edge import check_bind
+
+    try:
+        check_bind(cfg, cfg.api_host)  # before anything starts, not when the API child does
+    except ConfigurationError as exc:
+        typer.echo(f"morag: {exc}", err=True)
+        raise typer.Exit(2) from None
     keep_files_private(cfg)  # before Redis starts: its AOF and RDB files are private too
     env = dict(os.environ)
     children: list[Child] = []

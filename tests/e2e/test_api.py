@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 INGEST = "/api/v1/ingest"
 STATUS = "/api/v1/status"
+NEVER_ISSUED = "00000000-0000-4000-8000-000000000000"  # a well-formed id no job has
 
 NOTES = (
     "# Field notes\n\nThe ingestion service keeps every job and reports each stage.\n\n"
@@ -214,7 +215,7 @@ def test_many_followers_of_one_job_all_see_its_end(client: httpx.Client) -> None
 
 def test_result_history_and_events_of_unknown_or_unfinished_jobs(client: httpx.Client) -> None:
     for path in ("", "/result", "/history", "/events"):
-        error = error_of(client.get(f"{STATUS}/never-issued{path}"), 404)
+        error = error_of(client.get(f"{STATUS}/{NEVER_ISSUED}{path}"), 404)
         assert error["code"] == "not_found"
     task_id = upload(client, b"# Pending\n\nno worker runs it\n").json()["task_id"]
     error = error_of(client.get(f"{STATUS}/{task_id}/result"), 409)
@@ -537,7 +538,7 @@ def test_batch_refusals(client: httpx.Client) -> None:
     error_of(
         client.post(f"{INGEST}/batch", content=b"x", headers={"Content-Type": "text/plain"}), 415
     )
-    error_of(client.get("/api/v1/batches/never-issued"), 404)
+    error_of(client.get(f"/api/v1/batches/{NEVER_ISSUED}"), 404)
     assert client.get(f"{STATUS}/").json()["items"] == []  # nothing was queued
 
 
@@ -550,7 +551,7 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     assert cancel.status_code == 202, cancel.text
     assert cancel.json()["outcome"] == "revoked" and cancel.json()["status"] == "revoked"
     assert error_of(client.delete(f"{INGEST}/{queued}"), 409)["details"]["status"] == "revoked"
-    assert error_of(client.delete(f"{INGEST}/never-issued"), 404)["code"] == "not_found"
+    assert error_of(client.delete(f"{INGEST}/{NEVER_ISSUED}"), 404)["code"] == "not_found"
     resubmitted = upload(client, b"# To cancel\n").json()["task_id"]  # new work, queued
     assert resubmitted != queued
 
@@ -566,7 +567,7 @@ def test_cancel_and_retry(client: httpx.Client, workers) -> None:
     # The retry is the job doing that work now: the same content joins it.
     assert client.get(f"{STATUS}/{new_id}").json()["status"] == "pending"
     assert upload(client, b"# To cancel\n").json()["task_id"] == new_id
-    error_of(client.post(f"{INGEST}/never-issued/retry"), 404)
+    error_of(client.post(f"{INGEST}/{NEVER_ISSUED}/retry"), 404)
 
     # A job that fails (a PDF header on a body that is no PDF), retried with its input.
     broken = upload(
@@ -684,7 +685,7 @@ def test_queue_stats(client: httpx.Client, workers) -> None:
 
 
 def test_api_keys(api_factory) -> None:
-    api = api_factory.start(api_keys="key-one,key-two")
+    api = api_factory.start(api_keys="one:key-one-secret,two:key-two-secret")
     with httpx.Client(base_url=api.url, timeout=15) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/health/ready").status_code in (200, 503)  # not 401
@@ -692,28 +693,32 @@ def test_api_keys(api_factory) -> None:
         error = error_of(missing, 401)
         assert error["code"] == "unauthorized" and "X-API-Key" in error["message"]
         assert missing.headers["www-authenticate"].startswith("Bearer")
-        error_of(http.get(f"{STATUS}/", headers={"X-API-Key": "key-three"}), 401)
+        error_of(http.get(f"{STATUS}/", headers={"X-API-Key": "key-three-secret"}), 401)
         error_of(http.get(f"{STATUS}/", headers={"Authorization": "Basic a2V5LW9uZQ=="}), 401)
         error_of(upload(http, b"# secret\n"), 401)
         error_of(http.post(f"{INGEST}/url", json={"url": "https://example.com/k"}), 401)
         url_job = http.post(
-            f"{INGEST}/url", json={"url": "https://example.com/k"}, headers={"X-API-Key": "key-one"}
+            f"{INGEST}/url",
+            json={"url": "https://example.com/k"},
+            headers={"X-API-Key": "key-one-secret"},
         )
         assert url_job.status_code == 202, url_job.text
         error_of(http.get(f"{STATUS}/stats/queues"), 401)
         error_of(http.get("/api/v1/batches/x"), 401)
         assert (
-            http.get(f"{STATUS}/", headers={"Authorization": "Bearer key-one"}).status_code == 200
+            http.get(f"{STATUS}/", headers={"Authorization": "Bearer key-one-secret"}).status_code
+            == 200
         )
-        accepted = upload(http, b"# secret\n", headers={"X-API-Key": "key-two"})
+        accepted = upload(http, b"# secret\n", headers={"X-API-Key": "key-two-secret"})
         assert accepted.status_code == 202
         job = f"{STATUS}/{accepted.json()['task_id']}"
-        assert http.get(job, headers={"X-API-Key": "key-two"}).json()["status"] == "pending"
-        # A job's status (answered by the route's fast path when the key is good) too.
-        assert http.get(job, headers={"authorization": "bearer key-one"}).status_code == 200
+        own = http.get(job, headers={"authorization": "bearer key-two-secret"})
+        assert own.json()["status"] == "pending" and own.json()["owner"] == "two"
+        # Another key's job is unknown to this one (the route's fast path answers as well).
+        assert http.get(job, headers={"X-API-Key": "key-one-secret"}).status_code == 404
         for refused in (
             {},
-            {"X-API-Key": "key-three"},
+            {"X-API-Key": "key-three-secret"},
             {"Authorization": "Basic a2V5LW9uZQ=="},
             {"Authorization": "Bearer", "X-API-Key": ""},
         ):

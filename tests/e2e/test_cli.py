@@ -159,7 +159,7 @@ def test_cancel_and_clear_errors(api_server: str, workers, notes: Path) -> None:
     waited = morag(api_server, "ingest", str(notes), "--wait", "--timeout", "0.5")
     assert waited.returncode == 4 and "did not finish within 0.5 s" in waited.stderr
 
-    unknown = morag(api_server, "status", "never-issued")
+    unknown = morag(api_server, "status", "00000000-0000-4000-8000-000000000000")
     assert unknown.returncode == 3 and "not_found" in unknown.stderr
     assert "Traceback" not in unknown.stderr
 
@@ -177,10 +177,10 @@ def test_cancel_and_clear_errors(api_server: str, workers, notes: Path) -> None:
 
 
 def test_api_key_is_sent_as_bearer(api_factory) -> None:
-    base = api_factory.start(api_keys="k-one,k-two").url
+    base = api_factory.start(api_keys="k-one-key,k-two-key").url
     anonymous = morag(base, "jobs")
     assert anonymous.returncode == 3 and "HTTP 401" in anonymous.stderr
-    keyed = morag(base, "jobs", MORAG_API_KEY="k-two")
+    keyed = morag(base, "jobs", MORAG_API_KEY="k-two-key")
     assert keyed.returncode == 0 and keyed.stdout.strip() == "no jobs", keyed.stderr
     flag = morag(base, "jobs", "--api-key", "wrong")
     assert flag.returncode == 3 and "HTTP 401" in flag.stderr

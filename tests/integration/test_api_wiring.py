@@ -29,7 +29,7 @@ class InProcess:
     def __init__(self, app: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
         )
 
     def __call__(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -221,7 +221,8 @@ def _keys_without_ttl(client: redis.Redis, namespace: str) -> dict[str, str]:
     shrink as work is done (queues, the index, the due sets) and kombu's bindings (one per
     queue, with their refresh deadlines)."""
     shared = (
-        ":jobs",
+        ":jobs",  # the index of all jobs, and each owner's (<prefix>:owner:<name>:jobs)
+        ":owners",
         ":cleanup:inputs",
         ":cleanup:artifacts",
         ":webhooks:outbox",

@@ -9,7 +9,8 @@ import pytest
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from morag.api.deps import api_key_scheme, bearer_scheme, presented_key
+from morag.api.deps import api_key_scheme, bearer_scheme
+from morag.api.edge import presented_key
 
 HEADER_SETS = [
     {},

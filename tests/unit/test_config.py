@@ -34,10 +34,10 @@ def test_a_visibility_timeout_below_a_hard_limit_is_refused() -> None:
 
 def test_lists_from_environment_accept_commas_and_json(monkeypatch) -> None:
     monkeypatch.setenv("MORAG_WORKER_QUEUES", "celery, web_processing")
-    monkeypatch.setenv("MORAG_API_KEYS", '["a", "b"]')
+    monkeypatch.setenv("MORAG_API_KEYS", '["a:key-one-1", "b:key-two-2"]')
     cfg = Settings(_env_file=None)
     assert cfg.worker_queues == ["celery", "web_processing"]
-    assert cfg.api_keys == ["a", "b"]
+    assert cfg.api_keys == ["a:key-one-1", "b:key-two-2"]
 
 
 def test_unknown_queue_is_refused() -> None:

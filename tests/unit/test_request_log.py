@@ -16,11 +16,11 @@ from morag.core.logging import configure_logging
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 REQUESTS = [
-    ("GET", "/api/v1/status/3f0c6a1e-0000-4000-8000-000000000001", 200, 1.2, "3f0c6a1e"),
-    ("POST", "/api/v1/ingest/url", 202, 12.0, None),
-    ("GET", "/api/v1/status/a b/ü", 404, 0.3, "a b/ü"),
-    ("DELETE", "/x\nforged=line\t'\"", 422, 1000.5, "x\ry"),
-    ("GET", "/a\\b c", 200, 0.0, "a\\b"),
+    ("GET", "/api/v1/status/3f0c6a1e-0000-4000-8000-000000000001", 200, 1.2, "3f0c6a1e", "ops"),
+    ("POST", "/api/v1/ingest/url", 202, 12.0, None, "anonymous"),
+    ("GET", "/api/v1/status/a b/ü", 404, 0.3, "a b/ü", None),
+    ("DELETE", "/x\nforged=line\t'\"", 422, 1000.5, "x\ry", "key-0123456789ab"),
+    ("GET", "/a\\b c", 200, 0.0, "a\\b", None),
 ]
 
 
@@ -36,7 +36,7 @@ def test_request_line_reads_as_structlog_writes_it(
     capsys: pytest.CaptureFixture[str], as_json: bool, request_fields: tuple
 ) -> None:
     configure_logging("INFO", json=as_json)
-    method, path, status, duration_ms, task_id = request_fields
+    method, path, status, duration_ms, task_id, owner = request_fields
     structlog.get_logger("morag.api").info(
         "request",
         method=method,
@@ -44,6 +44,7 @@ def test_request_line_reads_as_structlog_writes_it(
         status=status,
         duration_ms=duration_ms,
         task_id=task_id,
+        owner=owner,
     )
     written = capsys.readouterr().err.rstrip("\n")
     rendered = render_request_line(*request_fields)

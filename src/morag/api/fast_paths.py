@@ -2,7 +2,7 @@
 
 They answer before FastAPI's routing and dependency solving (about half the API's CPU on
 these requests; figures in bench/results), calling the same functions as the routes: the
-key check (``scope_principal``, which is ``authenticate``), ``JobReads.record`` and
+caller the ``Authentication`` middleware resolved (api/edge.py), ``JobReads.record`` and
 ``status_response``, ``UrlIngestRequest`` and ``prepare_url``, ``Submissions.asubmit`` and
 ``accepted_headers``. Whatever is not their plain case goes on to the route unchanged (the
 body they read replayed), so every refusal keeps its shape; tests/integration/test_api_wiring.py
@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from morag.api.deps import authenticate, scope_principal
+from morag.api.deps import authenticate
 from morag.api.routes import ingest, status
-from morag.api.schemas import SubmissionResponse, UrlIngestRequest
+from morag.api.schemas import SubmissionResponse, UrlIngestRequest, is_issued_id
+from morag.core.principals import ANONYMOUS, Principal
 from morag.services.ingestion import IngestionService, JobSpec
 
 
@@ -66,17 +67,16 @@ class StatusReadFastPath:
         await self.app(scope, receive, send)
 
     async def _answer(self, scope: Scope, task_id: str) -> Response | None:
-        if not 0 < len(task_id) <= status.TASK_ID_MAX_CHARS or "/" in task_id:
-            return None
-        if scope_principal(scope) is None:
-            return None  # the route refuses it, with the 401 it documents
+        if not is_issued_id(task_id):
+            return None  # the route refuses it, with its 422
+        principal = scope["state"]["principal"]  # the Authentication middleware's
         service: IngestionService = scope["app"].state.ingestion
         try:
-            info = await service.reads.record(task_id)
+            info = await service.reads.record(task_id, principal)
         except redis.RedisError:
             return None  # the route reads again and answers for the outage (503)
         if info is None:
-            return None  # the route asks Celery's result backend, or answers 404
+            return None  # the route answers 404 (or asks Celery's result backend)
         scope.setdefault("state", {})["task_id"] = task_id  # for the request log line
         return status.status_response(info)
 
@@ -127,20 +127,18 @@ class UrlSubmissionFastPath:
         await response(scope, receive, send)
 
     @staticmethod
-    def _plain_submission(scope: Scope, body: bytes) -> tuple[JobSpec | None, str]:
+    def _plain_submission(scope: Scope, body: bytes) -> tuple[JobSpec | None, Principal]:
         """The checked submission, or None when the route must answer."""
         headers = Headers(scope=scope)
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json" or "idempotency-key" in headers:
-            return None, ""
-        principal = scope_principal(scope)
-        if principal is None:
-            return None, ""
+            return None, ANONYMOUS
+        principal = scope["state"]["principal"]  # the Authentication middleware's
         try:
             request = UrlIngestRequest.model_validate(json.loads(body))  # as FastAPI does
             spec = ingest.prepare_url(scope["app"].state.ingestion, request)
         except Exception:
-            return None, ""  # the route refuses it, with its 422
+            return None, principal  # the route refuses it, with its 422
         return spec, principal
 
 

@@ -1,8 +1,9 @@
 """The FastAPI app. ``python src/morag/api/main.py`` serves it on port 8000.
 
-Middleware, outermost first: one structured log line per request; CORS (when
-``cors_origins`` is set); the request-body size limit (413 in the one error shape); the
-fast paths of plain status reads and URL submissions (api/fast_paths.py).
+Middleware, outermost first: one structured log line per request; the Host allow-list;
+CORS (when ``cors_origins`` is set); the Origin check and the key check (api/edge.py); the
+request-body size limit (413 in the one error shape); the fast paths of plain status reads
+and URL submissions (api/fast_paths.py).
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ from starlette.datastructures import Headers  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
+from morag.api.edge import Authentication, HostAllowList, OriginCheck, check_bind  # noqa: E402
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
 from morag.api.routes import batches, health, ingest, status  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
+from morag.core.errors import ConfigurationError  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
 from morag.core.private_files import keep_files_private  # noqa: E402
 from morag.services.ingestion import IngestionService  # noqa: E402
+
+#: Paths that need a key when the server has keys (the health checks and docs do not).
+PROTECTED_PREFIXES = ("/api/",)
 
 _KIB = 1024
 _MIB = 1024 * _KIB
@@ -101,7 +107,12 @@ class BodySizeLimitMiddleware:
 
 
 def render_request_line(
-    method: str, path: str, status: int, duration_ms: float, task_id: str | None
+    method: str,
+    path: str,
+    status: int,
+    duration_ms: float,
+    task_id: str | None,
+    owner: str | None = None,
 ) -> str:
     """The request line as structlog writes it: through the renderer ``configure_logging``
     set (logfmt or JSON), without the rest of the processor chain."""
@@ -112,6 +123,7 @@ def render_request_line(
         "status": status,
         "duration_ms": duration_ms,
         "task_id": task_id,
+        "owner": owner,
         "event": "request",
         "level": "info",
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),  # as TimeStamper
@@ -120,7 +132,7 @@ def render_request_line(
 
 
 class RequestLogMiddleware:
-    """One line per request: method, path, status, duration, task id if any.
+    """One line per request: method, path, status, duration, task id and owner if any.
 
     The line is rendered by structlog's configured renderer alone and written to its
     output (``render_request_line``): the whole processor chain is too dear per request.
@@ -154,6 +166,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_and_watch)
         finally:
             task_id = state.get("task_id") or scope.get("path_params", {}).get("task_id")
+            principal = state.get("principal")  # the key's name, never the key
             self.write(
                 render_request_line(
                     scope["method"],
@@ -161,6 +174,7 @@ class RequestLogMiddleware:
                     status_code,
                     round((time.perf_counter() - started) * 1000, 1),
                     task_id,
+                    principal.name if principal is not None else None,
                 )
             )
 
@@ -198,6 +212,9 @@ def create_app(
     if fast_paths:
         install_fast_paths(app)
     app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
+    # Who is asking, before any body is read (a deeply nested JSON costs nothing unkeyed).
+    app.add_middleware(Authentication, keys=cfg.key_table(), protected=PROTECTED_PREFIXES)
+    app.add_middleware(OriginCheck, cors_origins=cfg.cors_origins)
     if cfg.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -212,6 +229,7 @@ def create_app(
             ],
             expose_headers=["Location", "Idempotent-Replayed"],
         )
+    app.add_middleware(HostAllowList, hosts=cfg.api_allowed_hosts())
     app.add_middleware(RequestLogMiddleware, cfg=cfg)
     return app
 
@@ -223,10 +241,18 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_json)
+    bind = host or settings.api_host
+    try:
+        check_bind(settings, bind)
+    except ConfigurationError as exc:
+        sys.exit(f"morag: {exc}")
     keep_files_private(settings)
+    served = app
+    if bind != settings.api_host:  # the Host allow-list's default names the bind address
+        served = create_app(settings.model_copy(update={"api_host": bind}), celery=celery_app)
     uvicorn.run(
-        app,
-        host=host or settings.api_host,
+        served,
+        host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,  # RequestLogMiddleware logs each request, with its task id

@@ -7,9 +7,11 @@ a silently ignored setting. Storage shapes (``TaskInfo``, history events) live i
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from morag.services.jobs import TaskStatus
@@ -20,6 +22,28 @@ JobKind = Literal["document", "audio", "video", "web", "system"]
 
 MAX_URL_CHARS = 8192
 MAX_WEBHOOK_URL_CHARS = 2048
+
+#: The ids the API issues for jobs and batches: lower-case hyphenated UUIDs. Anything else
+#: is refused at the edge (422) before it can name a Redis key.
+ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+is_issued_id = re.compile(ID_PATTERN).match
+
+TaskId = Annotated[
+    str,
+    Path(
+        pattern=ID_PATTERN,
+        description="a job's id, as the API issued it (a lower-case UUID)",
+        examples=["3f2b8a9e-1c4d-4e5f-9a6b-7c8d9e0f1a2b"],
+    ),
+]
+BatchId = Annotated[
+    str,
+    Path(
+        pattern=ID_PATTERN,
+        description="a batch's id, as the API issued it (a lower-case UUID)",
+        examples=["3f2b8a9e-1c4d-4e5f-9a6b-7c8d9e0f1a2b"],
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -100,6 +124,7 @@ class JobStatus(BaseModel):
     batch_id: str | None
     retry_of: str | None
     webhook_url: str | None
+    owner: str = Field(..., description="the name of the API key that submitted the job")
 
 
 class JobList(BaseModel):

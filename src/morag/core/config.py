@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from morag.core.principals import KeyTable
+
 #: Queue per modality, plus Celery's default queue.
 MODALITY_QUEUES: dict[str, str] = {
     "document": "document_processing",
@@ -123,7 +125,17 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
 
     # --- API ----------------------------------------------------------------------------
+    # Keys as name:key (docs/security.md); the name owns the key's jobs. Admin keys see and
+    # cancel every owner's jobs. No key at all: local single-user mode.
     api_keys: CommaList = []
+    api_keys_file: Path | None = None  # more name:key entries, one per line
+    admin_keys: CommaList = []
+    # Host names the API answers for ("*": any); empty: localhost, 127.0.0.1, ::1 and the
+    # bind address. A request naming another Host is refused (DNS rebinding).
+    allowed_hosts: CommaList = []
+    # Serving on a non-loopback address without keys is refused unless this says an
+    # authenticating proxy (or a trusted network) stands in front.
+    allow_public_without_keys: bool = False
     cors_origins: CommaList = []
     webhook_secret: str = ""  # base64 secret for signing webhooks (whsec_...)
     webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # one attempt, end to end
@@ -138,7 +150,14 @@ class Settings(BaseSettings):
     log_json: bool = False
 
     @field_validator(
-        "allowed_roots", "worker_queues", "ssrf_allow", "api_keys", "cors_origins", mode="before"
+        "allowed_roots",
+        "worker_queues",
+        "ssrf_allow",
+        "api_keys",
+        "admin_keys",
+        "allowed_hosts",
+        "cors_origins",
+        mode="before",
     )
     @classmethod
     def _lists(cls, value: Any) -> Any:
@@ -181,6 +200,7 @@ class Settings(BaseSettings):
             self.upload_dir = self.data_dir / "uploads"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        self.key_table()  # refuse malformed keys at start-up, naming the entry
         longest_hard = max(self.hard_time_limit(q) for q in ALL_QUEUES)
         if self.visibility_timeout == 0:
             self.visibility_timeout = longest_hard + 600
@@ -197,6 +217,20 @@ class Settings(BaseSettings):
 
     def hard_time_limit(self, queue: str) -> int:
         return self.soft_time_limit(queue) + self.hard_time_limit_margin
+
+    def key_table(self) -> KeyTable:
+        """The configured API keys by name (core/principals.py)."""
+        return KeyTable.build(self.api_keys, self.admin_keys, self.api_keys_file)
+
+    def api_allowed_hosts(self, bind_host: str | None = None) -> list[str]:
+        """``allowed_hosts``, or the loopback names and the bind address."""
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        hosts = ["localhost", "127.0.0.1", "::1"]
+        bind = (bind_host or self.api_host).strip("[]").lower()
+        if bind not in ("0.0.0.0", "::", "") and bind not in hosts:
+            hosts.append(bind)
+        return hosts
 
     @property
     def redis_explicitly_set(self) -> bool:

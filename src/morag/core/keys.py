@@ -8,9 +8,11 @@ named by kombu and Celery under ``broker_namespace``.
     <prefix>:job:<id>:lease           string: the running process     TTL: lease_seconds
     <prefix>:events:<id>              pub/sub channel of the job's events
     <prefix>:jobs                     sorted set: ids by creation time (pruned with the records)
-    <prefix>:batch:<id>               string: a batch's job ids       TTL: retention
-    <prefix>:idem:<principal>:<hash>  string: an Idempotency-Key's answer  TTL: retention
-    <prefix>:dedupe:<fingerprint>     string: the job doing that content   TTL: retention
+    <prefix>:owner:<name>:jobs        sorted set: one owner's ids, likewise
+    <prefix>:owners                   set: every owner name that has jobs (for the prune)
+    <prefix>:batch:<id>               string: a batch's owner and job ids  TTL: retention
+    <prefix>:idem:<owner>:<hash>      string: an Idempotency-Key's answer  TTL: retention
+    <prefix>:dedupe:<owner>:<hash>    string: the job doing that content   TTL: retention
     <prefix>:worker:<hostname>        string: a live worker           TTL: a few heartbeats
     <prefix>:recovery:lost-sweep      string: lock of the lost-message sweep
     <prefix>:webhooks:...             the webhook outbox and its bookkeeping
@@ -50,15 +52,25 @@ class RedisKeys:
     def job_index(self) -> str:
         return f"{self.prefix}:jobs"
 
+    def owner_jobs(self, owner: str) -> str:
+        """One owner's job index (owner names are checked: core/principals.py)."""
+        return f"{self.prefix}:owner:{owner}:jobs"
+
+    @property
+    def owners(self) -> str:
+        return f"{self.prefix}:owners"
+
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"
 
-    def idempotency(self, principal: str, key: str) -> str:
+    def idempotency(self, owner: str, key: str) -> str:
         """The client's key is hashed: any header value makes a bounded, safe key name."""
-        return f"{self.prefix}:idem:{principal}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return f"{self.prefix}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def dedupe(self, fingerprint: str) -> str:
-        return f"{self.prefix}:dedupe:{fingerprint}"
+    def dedupe(self, owner: str, fingerprint: str) -> str:
+        """Per owner: identical content of two owners is two jobs (no oracle of what
+        another owner is processing)."""
+        return f"{self.prefix}:dedupe:{owner}:{fingerprint}"
 
     def worker(self, hostname: str) -> str:
         return f"{self.prefix}:worker:{hostname}"

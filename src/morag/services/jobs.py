@@ -25,6 +25,7 @@ import redis
 from kombu.utils import json as kombu_json
 
 from morag.core.keys import RedisKeys
+from morag.core.principals import ANONYMOUS_NAME
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -94,6 +95,7 @@ class TaskInfo:
     retry_of: str | None = None
     retry_at: datetime | None = None
     progress_metadata: dict[str, Any] = field(default_factory=dict)  # of the latest report
+    owner: str = ANONYMOUS_NAME  # the key's name that submitted it (core/principals.py)
 
     @property
     def completed_at(self) -> datetime | None:
@@ -128,6 +130,7 @@ class TaskInfo:
             retry_of=h.get("retry_of") or None,
             retry_at=_parse_ts(h.get("retry_at")),
             progress_metadata=json.loads(h.get("progress_metadata") or "{}"),
+            owner=h.get("owner") or ANONYMOUS_NAME,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +153,7 @@ class TaskInfo:
             "metadata": self.metadata,
             "batch_id": self.batch_id,
             "retry_of": self.retry_of,
+            "owner": self.owner,
         }
 
 
@@ -202,8 +206,9 @@ local function ended(job_key, history_key, retention, outbox_key, inputs_key, ar
 end
 """.replace("HISTORY_MAX", str(HISTORY_MAX))
 
-# KEYS: job, history, index, channel[, dedupe] | ARGV: id, ts, score, dedupe mode (join or
-#       take_over), dedupe TTL, job key prefix, then field/value pairs.
+# KEYS: job, history, index, owner's index, owners, channel[, dedupe] | ARGV: id, ts, score,
+#       dedupe mode (join or take_over), dedupe TTL, job key prefix, owner, then field/value
+#       pairs.
 # With a dedupe key (the content of a submission), identical work that is still active
 # (queued, running or waiting to retry, not being cancelled) is answered instead: its id,
 # and nothing is written. Otherwise the key names this job, in the same atomic write.
@@ -211,8 +216,8 @@ _CREATE = (
     _EMIT
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if KEYS[5] then
-  local current = redis.call('GET', KEYS[5])
+if KEYS[7] then
+  local current = redis.call('GET', KEYS[7])
   if current and ARGV[4] == 'join' then
     local h = redis.call('HMGET', ARGV[6] .. current, 'state', 'cancel_requested_at')
     local state = h[1]
@@ -221,15 +226,17 @@ if KEYS[5] then
       return current
     end
   end
-  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[5])
+  redis.call('SET', KEYS[7], ARGV[1], 'EX', ARGV[5])
 end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'pending', 'progress', '0',
-           'stage', 'queued', 'message', 'waiting for a worker', 'attempts', '0',
-           'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
+           'progress', '0', 'stage', 'queued', 'message', 'waiting for a worker',
+           'attempts', '0', 'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-emit(KEYS[2], KEYS[4], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[7])
+emit(KEYS[2], KEYS[6], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
 return 1
 """
 )
@@ -448,9 +455,11 @@ return 'ok'
 """
 )
 
-# KEYS: index | ARGV: cutoff (epoch s), job key prefix, batch size, offset
+# KEYS: index, owners | ARGV: cutoff (epoch s), job key prefix, batch size, offset, owner
+#       ('' for the index of all jobs)
 # Of the index entries created before the cutoff (only these can have expired), removes
-# those whose record is gone; a job still queued or running keeps its entry.
+# those whose record is gone; a job still queued or running keeps its entry. An owner
+# whose index emptied leaves the owners set (in the same write as a new job would join it).
 # Returns {removed, examined}.
 _PRUNE_INDEX = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', ARGV[4], ARGV[3])
@@ -459,6 +468,9 @@ for _, id in ipairs(ids) do
   if redis.call('EXISTS', ARGV[2] .. id) == 0 then gone[#gone + 1] = id end
 end
 if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+if ARGV[5] ~= '' and redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[5])
+end
 return {#gone, #ids}
 """
 #: Index entries looked at per script call while pruning (one short Redis call each).
@@ -516,12 +528,13 @@ class JobStore:
         task_name: str,
         input: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        owner: str = ANONYMOUS_NAME,
         extra: dict[str, str] | None = None,
         dedupe_key: str | None = None,
         take_over: bool = False,
     ) -> str | None:
-        """Write a new pending record; the id of the job that does the work, or None when
-        a record with this id exists already.
+        """Write a new pending record of ``owner``'s; the id of the job that does the work,
+        or None when a record with this id exists already.
 
         With ``dedupe_key`` (the key of a submission's content), the id of an active job
         holding that key is answered instead and nothing is written, unless ``take_over``
@@ -542,6 +555,8 @@ class JobStore:
             self.keys.job(task_id),
             self.keys.history(task_id),
             self.keys.job_index,
+            self.keys.owner_jobs(owner),
+            self.keys.owners,
             self.keys.channel(task_id),
         ]
         if dedupe_key:
@@ -555,6 +570,7 @@ class JobStore:
                 "take_over" if take_over else "join",
                 self.retention_seconds,
                 self.keys.job(""),
+                owner,
                 *flat,
             ],
         )
@@ -571,6 +587,7 @@ class JobStore:
         queue: str,
         kwargs: dict[str, Any],
         args: Any = (),
+        owner: str = ANONYMOUS_NAME,
         extra: dict[str, str] | None = None,
         dedupe_key: str | None = None,
         take_over: bool = False,
@@ -588,6 +605,7 @@ class JobStore:
             task_name=task_name,
             input=inputs or {"args": list(args)},
             metadata=kwargs.get("metadata") or {},
+            owner=owner,
             extra={"submission": submission, **(extra or {})},
             dedupe_key=dedupe_key,
             take_over=take_over,
@@ -821,16 +839,17 @@ class JobStore:
         end: float = 0,
         offset: int = 0,
         count: int = 100,
+        owner: str | None = None,
     ) -> list[str]:
-        """Ids by creation time, within [start, end] epoch seconds (0: unbounded)."""
+        """Ids by creation time, within [start, end] epoch seconds (0: unbounded); only
+        ``owner``'s when given."""
         low = start or "-inf"
         high = end or "+inf"
+        index = self.keys.owner_jobs(owner) if owner is not None else self.keys.job_index
         if newest_first:
-            ids = self.redis.zrevrangebyscore(
-                self.keys.job_index, high, low, start=offset, num=count
-            )
+            ids = self.redis.zrevrangebyscore(index, high, low, start=offset, num=count)
         else:
-            ids = self.redis.zrangebyscore(self.keys.job_index, low, high, start=offset, num=count)
+            ids = self.redis.zrangebyscore(index, low, high, start=offset, num=count)
         return [_s(i) for i in ids]  # type: ignore[arg-type]
 
     def prune_index(self) -> int:
@@ -841,10 +860,17 @@ class JobStore:
         (no expiry yet) keeps its entry.
         """
         cutoff = time.time() - self.retention_seconds
+        removed = self._prune(self.keys.job_index, cutoff)
+        for owner in self.redis.smembers(self.keys.owners):
+            removed += self._prune(self.keys.owner_jobs(_s(owner)), cutoff, owner=_s(owner))
+        return removed
+
+    def _prune(self, index: str, cutoff: float, owner: str = "") -> int:
         removed = offset = 0
         while True:
             gone, examined = self._prune_index(
-                keys=[self.keys.job_index], args=[cutoff, self.keys.job(""), PRUNE_BATCH, offset]
+                keys=[index, self.keys.owners],
+                args=[cutoff, self.keys.job(""), PRUNE_BATCH, offset, owner],
             )
             removed += int(gone)
             offset += int(examined) - int(gone)  # the kept entries are skipped next time

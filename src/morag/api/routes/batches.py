@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends
 
-from morag.api.deps import ServiceDep, authenticate
+from morag.api.deps import Caller, ServiceDep, authenticate
 from morag.api.errors import error_responses
-from morag.api.schemas import BatchStatus
+from morag.api.schemas import BatchId, BatchStatus
 
 router = APIRouter(prefix="/api/v1/batches", tags=["batches"], dependencies=[Depends(authenticate)])
 
@@ -19,9 +19,7 @@ router = APIRouter(prefix="/api/v1/batches", tags=["batches"], dependencies=[Dep
     summary="A batch's progress",
     responses=error_responses(401, 404, 422, 500),
 )
-def get_batch(
-    batch_id: Annotated[str, Path(min_length=1, max_length=200)], service: ServiceDep
-) -> dict[str, Any]:
+def get_batch(batch_id: BatchId, service: ServiceDep, principal: Caller) -> dict[str, Any]:
     """Jobs per state, how many finished, and the batch's progress (finished jobs count as
     complete, running ones by their own progress)."""
-    return service.reads.batch_status(batch_id)
+    return service.reads.batch_status(batch_id, principal)

@@ -9,16 +9,16 @@ every upload to a temporary file first).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from morag.api.deps import (
+    Caller,
     IdempotencyKey,
-    Principal,
     ServiceDep,
     SettingsDep,
     authenticate,
@@ -32,6 +32,7 @@ from morag.api.schemas import (
     FileSourceType,
     RetryResponse,
     SubmissionResponse,
+    TaskId,
     UrlIngestRequest,
     _Request,
 )
@@ -42,8 +43,6 @@ from morag.services.ingestion import IngestionService, JobSpec, Submission
 from morag.services.uploads import ReceivedForm, StoredFile, receive_form
 
 router = APIRouter(prefix="/api/v1/ingest", tags=["ingest"], dependencies=[Depends(authenticate)])
-
-TaskId = Annotated[str, Path(min_length=1, max_length=200, description="a job's id")]
 
 _LOCATION = {"Location": {"description": "the job's status URL", "schema": {"type": "string"}}}
 _FORM_FIELD_BYTES_EXTRA = 4096  # room around the metadata JSON in a form field
@@ -229,7 +228,7 @@ async def ingest_file(
     response: Response,
     service: ServiceDep,
     settings: SettingsDep,
-    principal: Principal,
+    principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> SubmissionResponse:
     """Stream the upload to the upload directory (413 over ``max_upload_bytes``), check its
@@ -267,7 +266,7 @@ async def ingest_url(
     request: Request,
     response: Response,
     service: ServiceDep,
-    principal: Principal,
+    principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> SubmissionResponse:
     """Check the URL (http/https, SSRF guard: 422 when forbidden) and queue it. With
@@ -304,7 +303,7 @@ async def ingest_batch(
     response: Response,
     service: ServiceDep,
     settings: SettingsDep,
-    principal: Principal,
+    principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> BatchSubmissionResponse:
     """Up to ``batch_max_items`` items: a JSON body ``{"items": [{"url": ...}, ...]}``, or a
@@ -387,11 +386,13 @@ def _form_url_items(text: str | None) -> list[UrlIngestRequest]:
     summary="Cancel a job",
     responses=error_responses(401, 404, 409, 422, 500),
 )
-def cancel_job(task_id: TaskId, request: Request, service: ServiceDep) -> CancelResponse:
+def cancel_job(
+    task_id: TaskId, request: Request, service: ServiceDep, principal: Caller
+) -> CancelResponse:
     """A queued job is revoked at once; a running one stops within seconds. 409 when the
     job has already finished."""
     request.state.task_id = task_id
-    outcome, status = service.submissions.cancel(task_id)
+    outcome, status = service.submissions.cancel(task_id, principal)
     message = (
         "cancelled before it started"
         if outcome == "revoked"
@@ -417,7 +418,7 @@ def retry_job(
     request: Request,
     response: Response,
     service: ServiceDep,
-    principal: Principal,
+    principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> RetryResponse:
     """Queues the job's original input and options again as a new job whose ``retry_of``

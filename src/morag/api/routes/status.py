@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from morag.api.deps import ServiceDep, authenticate
+from morag.api.deps import Caller, ServiceDep, authenticate
 from morag.api.errors import error_responses
 from morag.api.schemas import (
     JobHistory,
@@ -20,14 +20,13 @@ from morag.api.schemas import (
     JobResult,
     JobStatus,
     QueueStats,
+    TaskId,
 )
 from morag.core.errors import MoragError, NotFoundError
 from morag.services.jobs import TaskInfo, TaskStatus
 
 router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[Depends(authenticate)])
 
-TASK_ID_MAX_CHARS = 200
-TaskId = Annotated[str, Path(min_length=1, max_length=TASK_ID_MAX_CHARS, description="a job's id")]
 
 #: Seconds between SSE comments that keep idle connections (and proxies) open.
 SSE_PING_SECONDS = 15
@@ -62,6 +61,7 @@ def job_status(info: TaskInfo) -> JobStatus:
 )
 def list_jobs(
     service: ServiceDep,
+    principal: Caller,
     state: Annotated[list[TaskStatus] | None, Query(description="repeat to allow several")] = None,
     kind: JobKind | None = None,
     created_after: Annotated[
@@ -70,11 +70,22 @@ def list_jobs(
     created_before: Annotated[
         datetime | None, Query(description="inclusive; UTC if no zone")
     ] = None,
+    owner: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="only this owner's jobs (for an admin key; other keys always see "
+            "their own)",
+        ),
+    ] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
-    """Jobs newest first, filtered by state, kind and creation time, a page at a time."""
+    """The caller's jobs newest first, filtered by state, kind and creation time, a page at
+    a time (an admin key sees every owner's)."""
     items, next_offset = service.reads.list_jobs(
+        principal,
+        owner=owner,
         states=state or (),
         kind=kind,
         created_after=created_after,
@@ -104,10 +115,12 @@ def queue_stats(service: ServiceDep) -> dict[str, Any]:
     summary="A job's status",
     responses=error_responses(401, 404, 422, 500),
 )
-async def get_status(task_id: TaskId, request: Request, service: ServiceDep) -> Response:
+async def get_status(
+    task_id: TaskId, request: Request, service: ServiceDep, principal: Caller
+) -> Response:
     """State, progress, stage, message, timestamps, attempts, error and result summary."""
     request.state.task_id = task_id
-    return status_response(await service.reads.astatus(task_id))
+    return status_response(await service.reads.astatus(task_id, principal))
 
 
 def status_response(info: TaskInfo) -> Response:
@@ -126,6 +139,7 @@ def get_result(
     task_id: TaskId,
     request: Request,
     service: ServiceDep,
+    principal: Caller,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="first chunk")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="chunks per page")] = 100,
     include_markdown: bool = True,
@@ -133,7 +147,7 @@ def get_result(
     """The Markdown, metadata and a page of chunks of a job that succeeded (409 otherwise)."""
     request.state.task_id = task_id
     return service.reads.result(
-        task_id, offset=offset, limit=limit, include_markdown=include_markdown
+        task_id, principal, offset=offset, limit=limit, include_markdown=include_markdown
     )
 
 
@@ -150,11 +164,12 @@ def get_artifact(
     task_id: TaskId,
     request: Request,
     service: ServiceDep,
+    principal: Caller,
     name: Annotated[str, Path(min_length=1, max_length=200, description="artefact name")],
 ) -> FileResponse:
     """Artefacts are listed in the result; files live in shared storage (artifact_dir)."""
     request.state.task_id = task_id
-    path, media_type = service.reads.artifact_path(task_id, name)
+    path, media_type = service.reads.artifact_path(task_id, name, principal)
     return FileResponse(path, media_type=media_type, filename=name)
 
 
@@ -164,10 +179,12 @@ def get_artifact(
     summary="A job's history",
     responses=error_responses(401, 404, 422, 500),
 )
-def get_history(task_id: TaskId, request: Request, service: ServiceDep) -> dict[str, Any]:
+def get_history(
+    task_id: TaskId, request: Request, service: ServiceDep, principal: Caller
+) -> dict[str, Any]:
     """Every state change and progress step, timestamped, oldest first."""
     request.state.task_id = task_id
-    return {"task_id": task_id, "events": service.reads.history(task_id)}
+    return {"task_id": task_id, "events": service.reads.history(task_id, principal)}
 
 
 @router.get(
@@ -186,6 +203,7 @@ async def follow_job(
     task_id: TaskId,
     request: Request,
     service: ServiceDep,
+    principal: Caller,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
 ) -> EventSourceResponse:
     """The job's history, then its live events, until it reaches a final state; then the
@@ -193,7 +211,7 @@ async def follow_job(
     (reconnect with ``Last-Event-ID`` to skip what you have seen), its data the event as
     JSON (``ts, state, progress, stage, message, attempt``, plus ``task_id``)."""
     request.state.task_id = task_id
-    if not await service.follower.job_exists(task_id):
+    if await service.reads.record(task_id, principal) is None:
         raise NotFoundError(f"no job with id {task_id}")
 
     async def events() -> AsyncIterator[dict[str, str]]:

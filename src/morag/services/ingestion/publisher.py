@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS
+from morag.core.principals import ANONYMOUS_NAME
 from morag.core.sent_events import sent_event_batcher
 from morag.services.ingestion.specs import JobSpec
 from morag.services.jobs import JobStore
@@ -25,11 +26,18 @@ class JobPublisher:
         self.celery = celery
 
     def publish(
-        self, spec: JobSpec, task_id: str, *, batch_id: str | None = None, retry_of: str = ""
+        self,
+        spec: JobSpec,
+        task_id: str,
+        *,
+        owner: str,
+        batch_id: str | None = None,
+        retry_of: str = "",
     ) -> str:
-        """Create the record and queue the job, unless identical work is active: the id of
-        the job that does the work (``task_id`` when this one was queued). A retry takes
-        the content key over: identical submissions join it from now on."""
+        """Create ``owner``'s record and queue the job, unless identical work of the same
+        owner is active: the id of the job that does the work (``task_id`` when this one
+        was queued). A retry takes the content key over: identical submissions join it
+        from now on."""
         extra = {"content_key": spec.content_key}
         if spec.owned_file:
             # the job's own input: deleted when it ends (services/retention.py)
@@ -45,8 +53,9 @@ class JobPublisher:
             kind=spec.kind,
             kwargs=spec.kwargs,
             task_id=task_id,
+            owner=owner,
             extra=extra,
-            dedupe_key=self.store.keys.dedupe(spec.content_key),
+            dedupe_key=self.store.keys.dedupe(owner, spec.content_key),
             take_over=bool(retry_of),
         )
 
@@ -57,26 +66,29 @@ class JobPublisher:
         kind: str,
         kwargs: dict[str, Any],
         task_id: str | None = None,
+        owner: str = ANONYMOUS_NAME,
         extra: dict[str, str] | None = None,
         dedupe_key: str | None = None,
         take_over: bool = False,
         **options: Any,
     ) -> str:
-        """Write the record of any task (``extra``: record fields such as ``webhook_url``),
-        then send its message by name; with ``dedupe_key``, see ``publish``."""
+        """Write ``owner``'s record of any task (``extra``: record fields such as
+        ``webhook_url``), then send its message by name; with ``dedupe_key``, see
+        ``publish``."""
         task_id = task_id or str(uuid.uuid4())
-        owner = self.store.create_submitted(
+        worker_id = self.store.create_submitted(
             task_id,
             task_name=task_name,
             kind=kind,
             queue=MODALITY_QUEUES.get(kind, DEFAULT_QUEUE),
             kwargs=kwargs,
+            owner=owner,
             extra=extra,
             dedupe_key=dedupe_key,
             take_over=take_over,
         )
-        if owner is not None and owner != task_id:
-            return owner  # identical work is active: that job does it
+        if worker_id is not None and worker_id != task_id:
+            return worker_id  # identical work is active: that job does it
         self.celery.send_task(
             task_name,
             kwargs=kwargs,

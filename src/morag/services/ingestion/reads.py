@@ -1,4 +1,8 @@
-"""Reading jobs: status, result, history, artefacts, the job list, batches, queue stats."""
+"""Reading jobs: status, result, history, artefacts, the job list, batches, queue stats.
+
+Every read is the caller's: a job or batch of another owner answers exactly as an unknown
+id does (404, same message), so ids are no oracle (core/principals.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from morag.core.errors import ConflictError, NotFoundError
+from morag.core.principals import ANONYMOUS_NAME, Principal
 from morag.services.jobs import FINAL_STATES, JobStore, TaskInfo, TaskStatus
 
 if TYPE_CHECKING:
@@ -52,29 +57,38 @@ class JobReads:
             await self._aio.aclose()
             self._aio = None
 
-    def status(self, task_id: str) -> TaskInfo:
-        return self.task_manager.get_task_status(task_id)
+    def owned(self, task_id: str, principal: Principal) -> TaskInfo:
+        """The caller's job; 404 when there is none (or it is another owner's)."""
+        info = self.store.get(task_id)
+        if info is None or not principal.may_see(info.owner):
+            raise not_found(task_id)
+        return info
 
-    async def record(self, task_id: str) -> TaskInfo | None:
-        """The job's record, read in the event loop (one round trip, no thread hop)."""
-        return await self.store.aget(self.aio, task_id)
+    async def record(self, task_id: str, principal: Principal) -> TaskInfo | None:
+        """The caller's job record, read in the event loop (one round trip, no thread
+        hop); None when there is none the caller may see."""
+        info = await self.store.aget(self.aio, task_id)
+        return info if info is not None and principal.may_see(info.owner) else None
 
-    async def astatus(self, task_id: str) -> TaskInfo:
-        """``status`` in the event loop."""
-        info = await self.record(task_id)
-        if info is not None:
+    async def astatus(self, task_id: str, principal: Principal) -> TaskInfo:
+        """The caller's job. An id without a record (a task a raw Celery client sent) is
+        looked up in Celery's result backend for a caller who may see every owner's."""
+        info = await self.store.aget(self.aio, task_id)
+        if info is not None and principal.may_see(info.owner):
             return info
-        # No record (unknown id, or a task another client sent): the TaskManager asks
-        # Celery's result backend through its blocking client, so off the event loop.
-        return await asyncio.to_thread(self.status, task_id)
+        if info is not None or not principal.admin:
+            raise not_found(task_id)
+        # The TaskManager asks Celery's result backend through its blocking client, so off
+        # the event loop.
+        return await asyncio.to_thread(self.task_manager.get_task_status, task_id)
 
-    def history(self, task_id: str) -> list[dict[str, Any]]:
-        if not self.store.redis.exists(self.store.keys.job(task_id)):
-            raise NotFoundError(f"no job with id {task_id}")
+    def history(self, task_id: str, principal: Principal) -> list[dict[str, Any]]:
+        self.owned(task_id, principal)
         return self.store.history(task_id)
 
-    def artifact_path(self, task_id: str, name: str) -> tuple[Path, str]:
+    def artifact_path(self, task_id: str, name: str, principal: Principal) -> tuple[Path, str]:
         """The file of one of a finished job's artefacts (a keyframe) and its media type."""
+        self.owned(task_id, principal)
         result = self.store.result(task_id)
         if result is None:
             raise NotFoundError(f"job {task_id} has no stored result")
@@ -88,12 +102,16 @@ class JobReads:
         raise NotFoundError(f"job {task_id} has no artefact named {name}")
 
     def result(
-        self, task_id: str, *, offset: int, limit: int, include_markdown: bool = True
+        self,
+        task_id: str,
+        principal: Principal,
+        *,
+        offset: int,
+        limit: int,
+        include_markdown: bool = True,
     ) -> dict[str, Any]:
         """The job's Markdown, metadata and one page of its chunks; 409 unless it succeeded."""
-        info = self.store.get(task_id)
-        if info is None:
-            raise NotFoundError(f"no job with id {task_id}")
+        info = self.owned(task_id, principal)
         if info.status is not TaskStatus.SUCCESS:
             raise ConflictError(
                 f"job {task_id} has no result: it is {info.status.value}"
@@ -120,7 +138,9 @@ class JobReads:
 
     def list_jobs(
         self,
+        principal: Principal,
         *,
+        owner: str | None = None,
         states: Iterable[TaskStatus] = (),
         kind: str | None = None,
         created_after: datetime | None = None,
@@ -128,11 +148,13 @@ class JobReads:
         offset: int = 0,
         limit: int = 50,
     ) -> tuple[list[TaskInfo], int | None]:
-        """Jobs newest first, filtered; returns a page and the offset of the next one.
+        """The caller's jobs newest first, filtered; returns a page and the offset of the
+        next one. ``owner`` narrows the list of a caller who may see every owner's.
 
-        Time bounds use the index of creation times; state and kind are checked on the
-        records, reading them a page at a time.
+        Time bounds use the index of creation times (one per owner); state and kind are
+        checked on the records, reading them a page at a time.
         """
+        index_owner = owner if principal.admin else principal.name
         wanted = set(states)
         start = _epoch(created_after)
         end = _epoch(created_before)
@@ -144,7 +166,9 @@ class JobReads:
         scan_offset = 0 if filtered else offset
         while True:
             page_size = LIST_SCAN_PAGE if filtered else limit + 1
-            ids = self.store.list_ids(start=start, end=end, offset=scan_offset, count=page_size)
+            ids = self.store.list_ids(
+                start=start, end=end, offset=scan_offset, count=page_size, owner=index_owner
+            )
             for info in self.store.get_many(ids):
                 if info is None:
                     continue  # its record expired; the index entry goes at the next prune
@@ -160,12 +184,12 @@ class JobReads:
                 return found[:limit], None
             scan_offset += page_size
 
-    def batch_status(self, batch_id: str) -> dict[str, Any]:
+    def batch_status(self, batch_id: str, principal: Principal) -> dict[str, Any]:
         """Counts of the batch's jobs by state and the batch's overall progress."""
         raw = self.store.redis.get(self.store.keys.batch(batch_id))
-        if raw is None:
+        batch = json.loads(raw) if raw is not None else None
+        if batch is None or not principal.may_see(batch.get("owner", ANONYMOUS_NAME)):
             raise NotFoundError(f"no batch with id {batch_id}")
-        batch = json.loads(raw)
         task_ids: list[str] = batch["task_ids"]
         counts: dict[str, int] = {state.value: 0 for state in TaskStatus}
         counts["expired"] = 0
@@ -197,6 +221,11 @@ class JobReads:
 
     def queue_stats(self) -> dict[str, Any]:
         return self.task_manager.get_queue_stats()
+
+
+def not_found(task_id: str) -> NotFoundError:
+    """The one answer for an unknown id and for another owner's."""
+    return NotFoundError(f"no job with id {task_id}")
 
 
 def _epoch(value: datetime | None) -> float:

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from morag.core.errors import ConflictError, InvalidInputError, NotFoundError
+from morag.core.errors import ConflictError, InvalidInputError
+from morag.core.principals import ANONYMOUS, Principal
 from morag.services.ingestion.idempotency import IdempotencyKeys
 from morag.services.ingestion.publisher import JobPublisher, kind_of_task
+from morag.services.ingestion.reads import not_found
 from morag.services.ingestion.specs import JobSpec, SubmissionChecks, digest
 from morag.services.jobs import JobStore, TaskStatus, utcnow
 from morag.services.retention import input_for_retry, input_gone
@@ -82,19 +84,24 @@ class Submissions:
         return Submission(task_id, status, message, **flags)
 
     def submit(
-        self, spec: JobSpec, *, principal: str = "anonymous", idempotency_key: str | None = None
+        self,
+        spec: JobSpec,
+        *,
+        principal: Principal = ANONYMOUS,
+        idempotency_key: str | None = None,
     ) -> Submission:
-        """Queue one job, or answer the job an identical earlier request or work created."""
+        """Queue one job of the caller's, or answer the job an identical earlier request or
+        work of the caller's created."""
 
         def run(record: dict[str, Any]) -> Submission:
             task_id = record["task_id"]
-            owner = self.publisher.publish(spec, task_id)
-            if owner == task_id:
+            worker_id = self.publisher.publish(spec, task_id, owner=principal.name)
+            if worker_id == task_id:
                 return Submission(task_id, TaskStatus.PENDING, "queued for processing")
             spec.discard_upload()
-            record["task_id"] = owner
+            record["task_id"] = worker_id
             return self._existing(
-                owner,
+                worker_id,
                 "identical content is already queued or running: this is that job",
                 duplicate=True,
             )
@@ -109,11 +116,20 @@ class Submissions:
 
         fingerprint = digest({"op": "job", "request": spec.request_key}) if idempotency_key else ""
         return self.idempotency.once(
-            principal, idempotency_key, fingerprint, {"task_id": str(uuid.uuid4())}, run, replay
+            principal.name,
+            idempotency_key,
+            fingerprint,
+            {"task_id": str(uuid.uuid4())},
+            run,
+            replay,
         )
 
     async def asubmit(
-        self, spec: JobSpec, *, principal: str = "anonymous", idempotency_key: str | None = None
+        self,
+        spec: JobSpec,
+        *,
+        principal: Principal = ANONYMOUS,
+        idempotency_key: str | None = None,
     ) -> Submission:
         """``submit`` from the event loop, on this service's submission threads (Celery
         publishes with blocking calls). A cancelled caller does not stop the submission."""
@@ -128,7 +144,7 @@ class Submissions:
         self,
         specs: list[JobSpec],
         *,
-        principal: str = "anonymous",
+        principal: Principal = ANONYMOUS,
         idempotency_key: str | None = None,
     ) -> BatchSubmission:
         """Queue checked items as one batch (each identical to active work joins that job)."""
@@ -141,14 +157,16 @@ class Submissions:
             submissions: list[Submission] = []
             try:
                 for index, (spec, task_id) in enumerate(zip(specs, task_ids, strict=True)):
-                    owner = self.publisher.publish(spec, task_id, batch_id=batch_id)
-                    if owner == task_id:
+                    worker_id = self.publisher.publish(
+                        spec, task_id, owner=principal.name, batch_id=batch_id
+                    )
+                    if worker_id == task_id:
                         submissions.append(Submission(task_id, TaskStatus.PENDING, "queued"))
                         continue
                     spec.discard_upload()
-                    task_ids[index] = owner  # duplicates answer the jobs they joined
+                    task_ids[index] = worker_id  # duplicates answer the jobs they joined
                     submissions.append(
-                        self._existing(owner, "already queued or running", duplicate=True)
+                        self._existing(worker_id, "already queued or running", duplicate=True)
                     )
             except BaseException:
                 # Jobs already recorded stay: the record queues a job whose publish failed
@@ -158,7 +176,13 @@ class Submissions:
                 raise
             self.redis.set(
                 self.store.keys.batch(batch_id),
-                json.dumps({"created_at": utcnow().isoformat(), "task_ids": task_ids}),
+                json.dumps(
+                    {
+                        "created_at": utcnow().isoformat(),
+                        "owner": principal.name,
+                        "task_ids": task_ids,
+                    }
+                ),
                 ex=self.retention_seconds,
             )
             return BatchSubmission(batch_id, task_ids, submissions=submissions)
@@ -170,16 +194,23 @@ class Submissions:
 
         fingerprint = digest({"op": "batch", "items": [s.request_key for s in specs]})
         fresh = {"batch_id": str(uuid.uuid4()), "task_ids": [str(uuid.uuid4()) for _ in specs]}
-        return self.idempotency.once(principal, idempotency_key, fingerprint, fresh, run, replay)
+        return self.idempotency.once(
+            principal.name, idempotency_key, fingerprint, fresh, run, replay
+        )
 
     def retry(
-        self, task_id: str, *, principal: str = "anonymous", idempotency_key: str | None = None
+        self,
+        task_id: str,
+        *,
+        principal: Principal = ANONYMOUS,
+        idempotency_key: str | None = None,
     ) -> Submission:
-        """Run a failed or cancelled job again as a new job with the same input."""
+        """Run a failed or cancelled job of the caller's again as a new job with the same
+        input, owned by the job's owner."""
 
         def run(record: dict[str, Any]) -> Submission:
             new_id = record["task_id"]
-            spec, owned_input = self._retry_spec(task_id, new_id)
+            spec, owned_input, owner = self._retry_spec(task_id, new_id, principal)
             job_key = self.store.keys.job(task_id)
             # One retry per job, even for two concurrent requests: the first one wins.
             if not self.redis.hsetnx(job_key, "retried_by", new_id):
@@ -195,7 +226,7 @@ class Submissions:
                     path = Path(spec.kwargs["file_path"])
                     linked = input_for_retry(path, stored_name(path.name), task_id=task_id)
                     spec.kwargs["file_path"] = spec.retry_input = str(linked)
-                self.publisher.publish(spec, new_id, retry_of=task_id)
+                self.publisher.publish(spec, new_id, owner=owner, retry_of=task_id)
             except BaseException:
                 if spec.retry_input:
                     Path(spec.retry_input).unlink(missing_ok=True)
@@ -214,15 +245,22 @@ class Submissions:
 
         fingerprint = digest({"op": "retry", "task_id": task_id})
         return self.idempotency.once(
-            principal, idempotency_key, fingerprint, {"task_id": str(uuid.uuid4())}, run, replay
+            principal.name,
+            idempotency_key,
+            fingerprint,
+            {"task_id": str(uuid.uuid4())},
+            run,
+            replay,
         )
 
-    def _retry_spec(self, task_id: str, new_id: str) -> tuple[JobSpec, bool]:
-        """The spec a failed or cancelled job was submitted with, and whether its input
-        file is the job's own (an upload); 404, 409 or 410 (input deleted) otherwise."""
+    def _retry_spec(
+        self, task_id: str, new_id: str, principal: Principal
+    ) -> tuple[JobSpec, bool, str]:
+        """The spec a failed or cancelled job was submitted with, whether its input file is
+        the job's own (an upload), and its owner; 404, 409 or 410 (input deleted) otherwise."""
         info = self.store.get(task_id)
-        if info is None:
-            raise NotFoundError(f"no job with id {task_id}")
+        if info is None or not principal.may_see(info.owner):
+            raise not_found(task_id)
         if info.status not in (TaskStatus.FAILURE, TaskStatus.REVOKED):
             raise ConflictError(
                 f"job {task_id} is {info.status.value}; only failed or cancelled jobs can be "
@@ -261,10 +299,16 @@ class Submissions:
             content_key=_text(content_key) or new_id,
             request_key="",
         )
-        return spec, owned_input
+        return spec, owned_input, info.owner
 
-    def cancel(self, task_id: str) -> tuple[str, TaskStatus]:
-        """Cancel: ``revoked`` (was queued) or ``cancelling`` (running); 409 when finished."""
+    def cancel(self, task_id: str, principal: Principal = ANONYMOUS) -> tuple[str, TaskStatus]:
+        """Cancel a job of the caller's: ``revoked`` (was queued) or ``cancelling``
+        (running); 409 when finished."""
+        info = self.store.get(task_id)
+        if info is not None and not principal.may_see(info.owner):
+            raise not_found(task_id)
+        if info is None and not principal.admin:
+            raise not_found(task_id)  # only an admin may cancel a task without a record
         outcome = self.task_manager.cancel(task_id)
         if outcome.outcome == "final":
             raise ConflictError(
