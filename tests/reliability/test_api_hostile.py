@@ -14,6 +14,7 @@ import json
 import select
 import socket
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -169,7 +170,7 @@ HOSTILE_REQUESTS = [
     ("id with traversal", "GET", "/api/v1/status/..%2F..%2Fetc%2Fpasswd", None, None),
     ("id with NUL", "GET", "/api/v1/status/abc%00def", None, None),
     ("id with RTL override", "DELETE", "/api/v1/ingest/%E2%80%AEtxt.exe", None, None),
-    ("unknown id result", "GET", "/api/v1/status/00000000-0000-4000-8000-000000000000/result", None, None),
+    ("unknown id result", "GET", f"/api/v1/status/{uuid.uuid4()}/result", None, None),
     ("unknown batch", "GET", "/api/v1/batches/%2e%2e", None, None),
     ("url is a number", "POST", "/api/v1/ingest/url", {"url": 123}, None),
     ("url is a list", "POST", "/api/v1/ingest/url", {"url": ["https://a.example/"]}, None),
