@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
+from morag.api.metrics import install_metrics  # noqa: E402
 from morag.api.routes import batches, health, ingest, status  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
@@ -168,6 +169,7 @@ class RequestLogMiddleware:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    await app.state.http_metrics.aclose()
     await app.state.ingestion.aclose()
 
 
@@ -212,6 +214,7 @@ def create_app(
             ],
             expose_headers=["Location", "Idempotent-Replayed"],
         )
+    install_metrics(app, cfg)  # GET /metrics; counts every request, fast paths' too
     app.add_middleware(RequestLogMiddleware, cfg=cfg)
     return app
 

@@ -124,6 +124,8 @@ class Settings(BaseSettings):
 
     # --- API ----------------------------------------------------------------------------
     api_keys: CommaList = []
+    # GET /metrics: this key (Bearer or X-API-Key) when set; otherwise as the API (any key)
+    metrics_key: str = ""
     cors_origins: CommaList = []
     webhook_secret: str = ""  # base64 secret for signing webhooks (whsec_...)
     webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # one attempt, end to end
