@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
 from morag.api.metrics import install_metrics  # noqa: E402
-from morag.api.routes import batches, health, ingest, status  # noqa: E402
+from morag.api.routes import batches, health, ingest, status, ui  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.logging import configure_logging  # noqa: E402
@@ -196,6 +196,7 @@ def create_app(
     app.include_router(ingest.router)
     app.include_router(status.router)
     app.include_router(batches.router)
+    app.include_router(ui.router)  # the dashboard, /ui
     # add_middleware wraps: the last added is the outermost.
     if fast_paths:
         install_fast_paths(app)
