@@ -219,10 +219,14 @@ def test_a_worker_prunes_the_index_of_expired_jobs(workers, redis_client: redis.
 def _keys_without_ttl(client: redis.Redis, namespace: str) -> dict[str, str]:
     """Keys of the namespace that never expire, but for the shared structures that
     shrink as work is done (queues, the index, the due sets) and kombu's bindings (one per
-    queue, with their refresh deadlines)."""
+    queue, with their refresh deadlines), and the deployment's metrics counters and worker
+    index (bounded: one field per kind, state, stage and route; one entry per worker)."""
     shared = (
         ":jobs",  # the index of all jobs, and each owner's (<prefix>:owner:<name>:jobs)
         ":owners",
+        ":metrics",
+        ":metrics:http",
+        ":workers",
         ":cleanup:inputs",
         ":cleanup:artifacts",
         ":webhooks:outbox",

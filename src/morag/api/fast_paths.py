@@ -20,6 +20,7 @@ import json
 import redis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +40,12 @@ def install_fast_paths(app: FastAPI) -> None:
     app.add_middleware(UrlSubmissionFastPath)
 
 
+def _route(router: APIRouter, endpoint: object) -> APIRoute:
+    """The route of ``endpoint``: put in the scope as routing would, for the request
+    metrics' route template (api/metrics.py)."""
+    return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint)
+
+
 def _check_dependencies(router: APIRouter) -> None:
     calls = [dependency.dependency for dependency in router.dependencies]
     if calls != [authenticate]:
@@ -54,6 +61,7 @@ class StatusReadFastPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.prefix = status.router.prefix + "/"
+        self.route = _route(status.router, status.get_status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Served under a root path (behind a proxy), requests take the route as usual.
@@ -78,6 +86,7 @@ class StatusReadFastPath:
         if info is None:
             return None  # the route answers 404 (or asks Celery's result backend)
         scope.setdefault("state", {})["task_id"] = task_id  # for the request log line
+        scope["route"] = self.route
         return status.status_response(info)
 
 
@@ -90,6 +99,9 @@ class UrlSubmissionFastPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.path = ingest.router.prefix + "/url"
+        self.route = next(
+            r for r in ingest.router.routes if isinstance(r, APIRoute) and r.path == self.path
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -110,6 +122,7 @@ class UrlSubmissionFastPath:
             await self.app(scope, _replay(body, receive), send)
             return
         service: IngestionService = scope["app"].state.ingestion
+        scope["route"] = self.route
         try:
             submission = await service.submissions.asubmit(spec, principal=principal)
         except Exception as exc:

@@ -32,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 from morag.api.edge import Authentication, HostAllowList, OriginCheck, check_bind  # noqa: E402
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
-from morag.api.routes import batches, health, ingest, status  # noqa: E402
+from morag.api.metrics import install_metrics  # noqa: E402
+from morag.api.routes import batches, health, ingest, status, ui  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.errors import ConfigurationError  # noqa: E402
@@ -182,6 +183,7 @@ class RequestLogMiddleware:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    await app.state.http_metrics.aclose()
     await app.state.ingestion.aclose()
 
 
@@ -208,6 +210,7 @@ def create_app(
     app.include_router(ingest.router)
     app.include_router(status.router)
     app.include_router(batches.router)
+    app.include_router(ui.router)  # the dashboard, /ui
     # add_middleware wraps: the last added is the outermost.
     if fast_paths:
         install_fast_paths(app)
@@ -229,6 +232,7 @@ def create_app(
             ],
             expose_headers=["Location", "Idempotent-Replayed"],
         )
+    install_metrics(app, cfg)  # GET /metrics; counts every request, fast paths' too
     app.add_middleware(HostAllowList, hosts=cfg.api_allowed_hosts())
     app.add_middleware(RequestLogMiddleware, cfg=cfg)
     return app

@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     # Serving on a non-loopback address without keys is refused unless this says an
     # authenticating proxy (or a trusted network) stands in front.
     allow_public_without_keys: bool = False
+    # GET /metrics: this key (Bearer or X-API-Key) when set; otherwise as the API (any key)
+    metrics_key: str = ""
     cors_origins: CommaList = []
     webhook_secret: str = ""  # base64 secret for signing webhooks (whsec_...)
     webhook_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # one attempt, end to end

@@ -19,6 +19,9 @@ named by kombu and Celery under ``broker_namespace``.
     <prefix>:cleanup:inputs           sorted set: owned input files of ended jobs, by end time
     <prefix>:cleanup:artifacts        sorted set: ended video jobs, by end time (keyframes)
     <prefix>:cleanup:index-pruned     string: lock of one index prune per period
+    <prefix>:metrics                  hash: job, webhook and recovery counters and histograms
+    <prefix>:metrics:http             hash: the API processes' request counters (flushed)
+    <prefix>:workers                  sorted set: live workers' hostnames by expiry
 """
 
 from __future__ import annotations
@@ -112,3 +115,18 @@ class RedisKeys:
     @property
     def index_prune_lock(self) -> str:
         return f"{self.prefix}:cleanup:index-pruned"
+
+    @property
+    def metrics(self) -> str:
+        """Counters and histograms the job scripts count (services/metrics.py)."""
+        return f"{self.prefix}:metrics"
+
+    @property
+    def http_metrics(self) -> str:
+        """HTTP request counters and histograms, flushed by every API process."""
+        return f"{self.prefix}:metrics:http"
+
+    @property
+    def worker_index(self) -> str:
+        """Hostnames of announced workers by the expiry of their announcement."""
+        return f"{self.prefix}:workers"

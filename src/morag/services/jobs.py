@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 HISTORY_MAX = 1000  # events kept per job; older ones are trimmed
 
+#: Upper bounds (seconds) of the job histograms the scripts count into the metrics hash
+#: (queue wait, run time, time per stage); services/metrics.py exposes them.
+JOB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
 
 class TaskStatus(StrEnum):
     """A job's state. Values are the lower-case names Celery uses."""
@@ -179,6 +183,25 @@ end
 local function is_final(state)
   return state == 'success' or state == 'failure' or state == 'revoked'
 end
+-- Metrics (services/metrics.py reads them at scrape time): counters and histograms live in
+-- one hash, counted by the same atomic write that makes the transition, so every process's
+-- work is counted exactly once. Fields: c|<name>, h|<name>|<upper bound>, s|<name> (sum).
+local BOUNDS = {BUCKETS}
+local function observe(metrics_key, name, seconds)
+  seconds = math.max(tonumber(seconds) or 0, 0)  -- two hosts' clocks may disagree a little
+  local le = '+Inf'
+  for _, bound in ipairs(BOUNDS) do
+    if seconds <= bound then le = bound; break end
+  end
+  redis.call('HINCRBY', metrics_key, 'h|' .. name .. '|' .. le, 1)
+  redis.call('HINCRBYFLOAT', metrics_key, 's|' .. name, seconds)
+end
+-- The time spent in the stage the record is in, up to now (a running job's).
+local function stage_done(metrics_key, kind, stage, since, now)
+  if stage and since then
+    observe(metrics_key, 'stage|' .. (kind or '') .. '|' .. stage, tonumber(now) - tonumber(since))
+  end
+end
 -- The files a job leaves behind (its owned inputs, a video job's keyframes) become due for
 -- deletion, by the time it ended (services/retention.py).
 local function files_due(inputs_key, artifacts_key, id, owned_files, kind)
@@ -194,21 +217,29 @@ end
 -- What every transition to a final state owes, in the same atomic write, so a process dying
 -- right after it loses nothing: the record and its history expire with the retention, the
 -- webhook is queued (services/webhooks.py), the job's files become due for deletion.
+-- The job is counted as finished, and its run time (first start to end) observed.
 local function ended(job_key, history_key, retention, outbox_key, inputs_key, artifacts_key,
-                     state, ts)
+                     state, ts, metrics_key, now)
   redis.call('EXPIRE', job_key, retention)
   redis.call('EXPIRE', history_key, retention)
-  local h = redis.call('HMGET', job_key, 'id', 'webhook_url', 'owned_files', 'kind')
+  local h = redis.call('HMGET', job_key, 'id', 'webhook_url', 'owned_files', 'kind', 'started_ts')
   if h[2] and h[2] ~= '' then
     redis.call('RPUSH', outbox_key, cjson.encode({task_id=h[1], state=state, ts=ts}))
   end
   files_due(inputs_key, artifacts_key, h[1], h[3], h[4])
+  local kind = h[4] or ''
+  redis.call('HINCRBY', metrics_key, 'c|finished|' .. kind .. '|' .. state, 1)
+  if h[5] then
+    observe(metrics_key, 'run|' .. kind .. '|' .. state, tonumber(now) - tonumber(h[5]))
+  end
 end
-""".replace("HISTORY_MAX", str(HISTORY_MAX))
+""".replace("HISTORY_MAX", str(HISTORY_MAX)).replace(
+    "{BUCKETS}", "{" + ", ".join(str(b) for b in JOB_SECONDS_BUCKETS) + "}"
+)
 
-# KEYS: job, history, index, owner's index, owners, channel[, dedupe] | ARGV: id, ts, score,
-#       dedupe mode (join or take_over), dedupe TTL, job key prefix, owner, then field/value
-#       pairs.
+# KEYS: job, history, index, owner's index, owners, channel, metrics[, dedupe] | ARGV: id,
+#       ts, score, dedupe mode (join or take_over), dedupe TTL, job key prefix, owner, kind,
+#       then field/value pairs.
 # With a dedupe key (the content of a submission), identical work that is still active
 # (queued, running or waiting to retry, not being cancelled) is answered instead: its id,
 # and nothing is written. Otherwise the key names this job, in the same atomic write.
@@ -216,8 +247,8 @@ _CREATE = (
     _EMIT
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if KEYS[7] then
-  local current = redis.call('GET', KEYS[7])
+if KEYS[8] then
+  local current = redis.call('GET', KEYS[8])
   if current and ARGV[4] == 'join' then
     local h = redis.call('HMGET', ARGV[6] .. current, 'state', 'cancel_requested_at')
     local state = h[1]
@@ -226,23 +257,25 @@ if KEYS[7] then
       return current
     end
   end
-  redis.call('SET', KEYS[7], ARGV[1], 'EX', ARGV[5])
+  redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[5])
 end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
            'progress', '0', 'stage', 'queued', 'message', 'waiting for a worker',
            'attempts', '0', 'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[7])
+redis.call('HINCRBY', KEYS[7], 'c|submitted|' .. ARGV[8], 1)
 emit(KEYS[2], KEYS[6], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
 return 1
 """
 )
 
-# KEYS: job, history, lease, channel, outbox, inputs due, artifacts due | ARGV: ts, worker,
-#       lease_ms, max_attempts, id, kind, queue, retention_s
+# KEYS: job, history, lease, channel, outbox, inputs due, artifacts due, metrics, index |
+#       ARGV: ts, worker, lease_ms, max_attempts, id, kind, queue, retention_s, now (epoch s)
+# The first start observes the job's queue wait (its creation time is its index score).
 # Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
 _START = (
     _EMIT
@@ -253,7 +286,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
              'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[1])
 end
 local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts', 'cancel_requested_at',
-                    'started_at')
+                    'started_at', 'kind', 'started_ts')
 local state, progress, attempts = h[1], h[2] or '0', tonumber(h[3] or '0')
 if is_final(state) then return {'final', state} end
 if h[4] then
@@ -261,7 +294,8 @@ if h[4] then
              'updated_at', ARGV[1], 'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
        attempts, nil)
-  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'revoked', ARGV[1])
+  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'revoked', ARGV[1], KEYS[8],
+        ARGV[9])
   return {'cancelled', 'revoked'}
 end
 local holder = redis.call('GET', KEYS[3])
@@ -273,14 +307,26 @@ if attempts >= tonumber(ARGV[4]) then
              'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
              'message', msg)
   emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
-  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'failure', ARGV[1])
+  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'failure', ARGV[1], KEYS[8],
+        ARGV[9])
+  redis.call('HINCRBY', KEYS[8], 'c|recovery|gave_up', 1)
   return {'exhausted', tostring(attempts)}
+end
+if state == 'started' or state == 'progress' then
+  -- its last run never ended (the process died): the message was delivered again
+  redis.call('HINCRBY', KEYS[8], 'c|recovery|redelivered', 1)
 end
 attempts = attempts + 1
 local message = 'started (attempt ' .. attempts .. ')'
 redis.call('HSET', KEYS[1], 'state', 'started', 'stage', 'started', 'message', message,
            'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1],
-           'started_at', h[5] or ARGV[1])
+           'started_at', h[5] or ARGV[1], 'started_ts', h[7] or ARGV[9], 'stage_ts', ARGV[9])
+if not h[5] then
+  local created = redis.call('ZSCORE', KEYS[9], ARGV[5])
+  if created then
+    observe(KEYS[8], 'wait|' .. (h[6] or ARGV[6]), tonumber(ARGV[9]) - tonumber(created))
+  end
+end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 emit(KEYS[2], KEYS[4], ARGV[1], 'started', progress, 'started', message, attempts,
      {worker=ARGV[2]})
@@ -288,17 +334,22 @@ return {'ok', tostring(attempts)}
 """
 )
 
-# KEYS: job, history, lease, channel | ARGV: ts, progress, stage, message, worker, lease_ms,
-#       metadata_json ('' for none)
+# KEYS: job, history, lease, channel, metrics | ARGV: ts, progress, stage, message, worker,
+#       lease_ms, metadata_json ('' for none), ts as epoch s
 # Returns: ok | cancel | stop:<state>
 _PROGRESS = (
     _EMIT
     + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts')
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts',
+                     'stage', 'stage_ts', 'kind')
 local state = h[1]
 if state ~= 'started' and state ~= 'progress' then return 'stop:' .. tostring(state) end
 if h[2] then return 'cancel' end
 local progress = math.max(tonumber(h[3] or '0'), tonumber(ARGV[2]))
+if h[5] ~= ARGV[3] then
+  stage_done(KEYS[5], h[7], h[5], h[6], ARGV[8])
+  redis.call('HSET', KEYS[1], 'stage_ts', ARGV[8])
+end
 redis.call('HSET', KEYS[1], 'state', 'progress', 'progress', progress, 'stage', ARGV[3],
            'message', ARGV[4], 'updated_at', ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
@@ -308,15 +359,16 @@ return 'ok'
 """
 )
 
-# KEYS: job, history, lease, channel, result, outbox, inputs due, artifacts due | ARGV: ts,
-#       state, message, error_type,
-#       error_message, summary_json, result_json, retention_s, worker, then optionally the
-#       last progress report not yet written: its ts, progress, stage, message, metadata_json
+# KEYS: job, history, lease, channel, result, outbox, inputs due, artifacts due, metrics |
+#       ARGV: ts, state, message, error_type, error_message, summary_json, result_json,
+#       retention_s, worker, now (epoch s), then optionally the last progress report not yet
+#       written: its ts, progress, stage, message, metadata_json, ts as epoch s
 # Returns {outcome, state}: ok | final | missing
 _FINISH = (
     _EMIT
     + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts')
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts',
+                     'stage', 'stage_ts', 'kind')
 local current = h[1]
 if not current then return {'missing', ''} end
 if is_final(current) then return {'final', current} end
@@ -326,12 +378,18 @@ if state == 'success' and h[2] then
   state, message = 'revoked', 'cancelled while running'
 end
 local progress = h[3] or '0'
-if ARGV[10] and (current == 'started' or current == 'progress') then
+local running = current == 'started' or current == 'progress'
+if ARGV[11] and running then
   -- the report the job made just before finishing, in its place in the history
-  progress = math.max(tonumber(progress), tonumber(ARGV[11]))
-  emit(KEYS[2], KEYS[4], ARGV[10], 'progress', progress, ARGV[12], ARGV[13], h[4],
-       report_metadata(KEYS[1], ARGV[14]))
+  progress = math.max(tonumber(progress), tonumber(ARGV[12]))
+  emit(KEYS[2], KEYS[4], ARGV[11], 'progress', progress, ARGV[13], ARGV[14], h[4],
+       report_metadata(KEYS[1], ARGV[15]))
+  if h[5] ~= ARGV[13] then
+    stage_done(KEYS[9], h[7], h[5], h[6], ARGV[16])
+    h[5], h[6] = ARGV[13], ARGV[16]
+  end
 end
+if running then stage_done(KEYS[9], h[7], h[5], h[6], ARGV[10]) end
 local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
                 'updated_at', ARGV[1]}
 local function add(name, value)
@@ -350,7 +408,7 @@ add('progress', progress)
 redis.call('HSET', KEYS[1], unpack(fields))
 if redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
 emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message, h[4], nil)
-ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1])
+ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1], KEYS[9], ARGV[10])
 return {'ok', state}
 """
 )
@@ -372,7 +430,8 @@ return 1
 """
 )
 
-# KEYS: job, history, channel, outbox, inputs due, artifacts due | ARGV: ts, retention_s
+# KEYS: job, history, channel, outbox, inputs due, artifacts due, metrics | ARGV: ts,
+#       retention_s, now (epoch s)
 # Returns {outcome, state}: missing | final | revoked (was queued) | cancelling (is running)
 _CANCEL = (
     _EMIT
@@ -388,7 +447,8 @@ if state == 'pending' or state == 'retry' then
              'message', 'cancelled before it started')
   emit(KEYS[2], KEYS[3], ARGV[1], 'revoked', progress, 'revoked',
        'cancelled before it started', attempts, nil)
-  ended(KEYS[1], KEYS[2], ARGV[2], KEYS[4], KEYS[5], KEYS[6], 'revoked', ARGV[1])
+  ended(KEYS[1], KEYS[2], ARGV[2], KEYS[4], KEYS[5], KEYS[6], 'revoked', ARGV[1], KEYS[7],
+        ARGV[3])
   return {'revoked', 'revoked'}
 end
 emit(KEYS[2], KEYS[3], ARGV[1], state, progress, 'cancelling', 'cancellation requested',
@@ -558,6 +618,7 @@ class JobStore:
             self.keys.owner_jobs(owner),
             self.keys.owners,
             self.keys.channel(task_id),
+            self.keys.metrics,
         ]
         if dedupe_key:
             keys.append(dedupe_key)
@@ -571,6 +632,7 @@ class JobStore:
                 self.retention_seconds,
                 self.keys.job(""),
                 owner,
+                kind,
                 *flat,
             ],
         )
@@ -631,9 +693,11 @@ class JobStore:
                 self.keys.webhook_outbox,
                 self.keys.inputs_due,
                 self.keys.artifacts_due,
+                self.keys.metrics,
+                self.keys.job_index,
             ],
             args=[
-                _iso(utcnow()),
+                _iso(now := utcnow()),
                 worker,
                 int(lease_seconds * 1000),
                 max_attempts,
@@ -641,6 +705,7 @@ class JobStore:
                 kind,
                 queue,
                 self.retention_seconds,
+                now.timestamp(),
             ],
         )
         return Outcome(_s(outcome), _s(detail))
@@ -660,21 +725,24 @@ class JobStore:
         """Record progress (made at ``at``, default now) with the report's ``metadata``
         (kept in the record and the event); answers ok, cancel (stop now) or stop:<state>
         (record is final)."""
+        at = at or utcnow()
         answer = self._progress(
             keys=[
                 self.keys.job(task_id),
                 self.keys.history(task_id),
                 self.keys.lease(task_id),
                 self.keys.channel(task_id),
+                self.keys.metrics,
             ],
             args=[
-                _iso(at or utcnow()),
+                _iso(at),
                 min(max(progress, 0.0), 1.0),
                 stage,
                 message,
                 worker,
                 int(lease_seconds * 1000),
                 json.dumps(metadata) if metadata else "",
+                at.timestamp(),
             ],
         )
         return _s(answer)
@@ -703,6 +771,7 @@ class JobStore:
                 last_report.stage,
                 last_report.message,
                 json.dumps(last_report.metadata) if last_report.metadata else "",
+                last_report.at.timestamp(),
             ]
         outcome, final_state = self._finish(
             keys=[
@@ -714,9 +783,10 @@ class JobStore:
                 self.keys.webhook_outbox,
                 self.keys.inputs_due,
                 self.keys.artifacts_due,
+                self.keys.metrics,
             ],
             args=[
-                _iso(utcnow()),
+                _iso(now := utcnow()),
                 state.value,
                 message or state.value,
                 error_type,
@@ -725,6 +795,7 @@ class JobStore:
                 json.dumps(result or {}),
                 self.retention_seconds,
                 worker,
+                now.timestamp(),
                 *report,
             ],
         )
@@ -762,8 +833,9 @@ class JobStore:
                 self.keys.webhook_outbox,
                 self.keys.inputs_due,
                 self.keys.artifacts_due,
+                self.keys.metrics,
             ],
-            args=[_iso(utcnow()), self.retention_seconds],
+            args=[_iso(now := utcnow()), self.retention_seconds, now.timestamp()],
         )
         return Outcome(_s(outcome), _s(state))
 

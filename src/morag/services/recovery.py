@@ -158,6 +158,7 @@ class RecoveryLoop:
                 error_type="MessageLost",
                 error_message=message,
             )
+            self.store.redis.hincrby(self.store.keys.metrics, "c|recovery|lost", 1)
             logger.error("job lost by the broker; failed", task_id=info.task_id)
             return
         # The event first: once sent, a worker may start the job before it is written.
@@ -175,6 +176,7 @@ class RecoveryLoop:
             queue=info.queue or None,
             ignore_result=True,  # the record holds the result (see services/ingestion/publisher.py)
         )
+        self.store.redis.hincrby(self.store.keys.metrics, "c|recovery|requeued", 1)
         logger.warning("job lost by the broker; queued again", task_id=info.task_id)
 
     def _restore_unacked(self) -> list[str]:

@@ -154,12 +154,14 @@ end
 return claimed
 """
 
-# KEYS: inflight, scheduled | ARGV: claim member, next_entry, due
+# KEYS: inflight, scheduled, metrics | ARGV: claim member, next_entry, due, outcome
 # Ends a claim; schedules the next attempt only if the claim was still this process's
-# (a claim that went stale was handed out again, and that copy decides).
+# (a claim that went stale was handed out again, and that copy decides), and counts the
+# attempt's outcome once, with it (services/metrics.py).
 _SETTLE = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], 'c|webhook|' .. ARGV[4], 1) end
 return 1
 """
 
@@ -205,6 +207,7 @@ class WebhookOutbox:
         self.inflight_key = keys.webhook_inflight
         self.scheduled_key = keys.webhook_scheduled
         self.counter_key = keys.webhook_claims
+        self.metrics_key = keys.metrics
         self._claim = client.register_script(_CLAIM)
         self._settle = client.register_script(_SETTLE)
 
@@ -219,8 +222,9 @@ class WebhookOutbox:
         )
         return [OutboxEntry.parse(raw) for raw in raws]
 
-    def settle(self, entry: OutboxEntry, retry_in: float | None = None) -> bool:
-        """End a claim, scheduling the next attempt ``retry_in`` s from now if given.
+    def settle(self, entry: OutboxEntry, retry_in: float | None = None, outcome: str = "") -> bool:
+        """End a claim, scheduling the next attempt ``retry_in`` s from now if given, and
+        count the attempt's ``outcome`` (a ``DeliveryResult.outcome``).
 
         False when the claim had gone stale (another worker owns the event now).
         """
@@ -228,7 +232,8 @@ class WebhookOutbox:
         due = time.time() + (retry_in or 0.0)
         return bool(
             self._settle(
-                keys=[self.inflight_key, self.scheduled_key], args=[entry.claim, next_entry, due]
+                keys=[self.inflight_key, self.scheduled_key, self.metrics_key],
+                args=[entry.claim, next_entry, due, outcome],
             )
         )
 
@@ -392,7 +397,7 @@ class WebhookDispatcher:
     def _attempt(self, entry: OutboxEntry) -> None:
         try:
             result = self.sender.deliver(entry)
-            self.outbox.settle(entry, result.retry_in)
+            self.outbox.settle(entry, result.retry_in, result.outcome)
         except Exception as exc:  # Redis away: the claim goes stale and is tried again
             logger.warning("webhook attempt failed", task_id=entry.task_id, error=str(exc))
         finally:
