@@ -268,7 +268,7 @@ def _same_address(host: str, address: IPAddress) -> bool:
 
 
 def check_address(ip: str | IPAddress, policy: UrlPolicy, host: str = "") -> IPAddress:
-    """Refuse a non-public address unless the policy allows its host or network."""
+    """Refuse an address that is not global unicast unless the policy allows its host or network."""
     address = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
     if (host and policy.host_allowed(host)) or policy.address_allowed(address):
         return address
