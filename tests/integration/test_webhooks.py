@@ -171,7 +171,7 @@ def test_refused_targets_are_recorded_and_never_contacted(
         store.finish(ids[name], TaskStatus.SUCCESS, worker="w")
     refusing = UrlPolicy()  # allows nothing local: loopback is refused like 10.0.0.1
     sender = WebhookSender(store, settings, policy=refusing)
-    for name, reason in (("private", "private address"), ("loopback", "loopback address")):
+    for name, reason in (("private", "private-use (RFC 1918)"), ("loopback", "loopback")):
         result = sender.deliver(entry(ids[name], "success"))
         assert result.outcome == "refused"
         [event] = webhook_events(ids[name])

@@ -234,6 +234,10 @@ FORBIDDEN_URLS = {
     "172.16/12": "http://172.16.5.4/",
     "192.168/16": "http://192.168.0.1/",
     "fc00::/7": "http://[fc00::1]/",
+    "fec0::/10": "http://[fec0::1]/",
+    "192.0.0/24": "http://192.0.0.9/",
+    "NAT64 of 10.0.0.1": "http://[64:ff9b::a00:1]/",
+    "invalid IDNA": "http://xn--zz.example/",
     "credentials": "http://user:pw@a.example/",
 }
 

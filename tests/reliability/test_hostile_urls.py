@@ -4,14 +4,17 @@ The worker runs under ``tripwire_worker``: any connection to a non-loopback addr
 blocked and recorded, and names never reach DNS (a few fake names answer from a table).
 Listeners of the test itself on 127.0.0.1 and ::1 count every request they receive.
 
-* Strict worker (``MORAG_SSRF_ALLOW`` empty): loopback, private, link-local, metadata and
-  unique-local targets, names resolving to them, ``file://`` and ``ftp://`` all end as a
-  FAILURE naming the refusal, with no request at either listener and no blocked attempt.
+* Strict worker (``MORAG_SSRF_ALLOW`` empty): loopback, private, link-local, metadata,
+  unique-local, site-local, IETF-protocol and benchmarking targets, NAT64/6to4 forms of
+  private addresses, names (an IDN among them) resolving to them, ``file://`` and ``ftp://``
+  all end as a FAILURE naming the refusal, with no request at either listener and no
+  blocked attempt.
 * Loopback-allowed worker (``127.0.0.1`` only, as in the test settings): redirect chains
   ending on ::1, a metadata address or a private name; a redirect loop; a 2 GB response;
   a 2 GB declared length; a page that never finishes; an image; and a normal page, which
-  succeeds. A canary address is allowed on purpose there, to prove that a target the guard
-  lets through is caught (and recorded) by the tripwire instead of leaving the machine.
+  succeeds, also under an IDN host name (punycode and Unicode spellings). A canary address
+  is allowed on purpose there, to prove that a target the guard lets through is caught (and
+  recorded) by the tripwire instead of leaving the machine.
 
 The guard's refusal table itself (every range, every literal form) is unit-tested with a
 recording resolver and connector in tests/unit/test_url_guard.py; not repeated here.
@@ -42,6 +45,8 @@ FAKE_HOSTS = {
     "v6-internal.test": ["fd00::5"],
     "loop.test": ["127.0.0.1"],
     "canary.test": ["10.9.9.9"],  # allowed on purpose in one test: proves the tripwire bites
+    "site-local.test": ["fec0::5"],
+    "xn--bcher-kva.test": ["127.0.0.1"],  # an IDN host (bücher.test), asked for in punycode
 }
 TWO_GB = 2 * 1024**3
 ARTICLE = (
@@ -220,6 +225,13 @@ def test_forbidden_targets_are_refused_end_to_end(
         "name->loopback+private": f"http://mixed.test:{a}/article",
         "name->fd00::5": "http://v6-internal.test/",
         "name->127.0.0.1": f"http://loop.test:{a}/article",
+        "192.0.0/24": "http://192.0.0.9/",
+        "198.18/15": "http://198.18.0.1/",
+        "fec0::/10": "http://[fec0::1]/",
+        "name->fec0::5": "http://site-local.test/",
+        "NAT64 of 10.0.0.5": "http://[64:ff9b::a00:5]/",
+        "6to4 of 127.0.0.1": f"http://[2002:7f00:1::1]:{a}/article",
+        "idn name->127.0.0.1": f"http://bücher.test:{a}/article",
         "audio 127.0.0.1": f"http://127.0.0.1:{a}/huge.mp3",
         "audio metadata": "http://169.254.169.254/latest/a.mp3",
         "audio name->10.0.0.5": f"http://internal.test:{a}/huge.mp3",
@@ -271,6 +283,8 @@ def test_hostile_responses_end_clearly_end_to_end(
         "audio 2GB": ("/huge.mp3", "LimitExceededError"),
         "audio that is a page": ("/article", "UnsupportedFormatError"),
         "normal-page": ("/article", None),
+        "idn-page": (f"http://xn--bcher-kva.test:{v4.port}/article", None),
+        "unicode-idn-page": (f"http://bücher.test:{v4.port}/article", None),
         "canary": (f"http://canary.test:{v4.port}/article", "TransientError"),
     }
     started = time.monotonic()

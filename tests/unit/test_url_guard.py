@@ -6,6 +6,8 @@ test that reached the network would error instead of passing.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import threading
 import time
@@ -21,10 +23,13 @@ from morag.core.errors import (
     UnsupportedFormatError,
 )
 from morag.core.url_guard import (
+    _EMBEDDINGS,
     MAX_CONNECT_ATTEMPTS,
+    NOT_GLOBAL,
     UrlPolicy,
     check_address,
     fetch,
+    post,
     validate_url,
 )
 
@@ -220,16 +225,16 @@ def test_check_address_reasons():
     cases = {
         "127.0.0.1": "loopback",
         "::1": "loopback",
-        "10.0.0.1": "private",
-        "fc00::1": "private",
+        "10.0.0.1": "private-use (RFC 1918)",
+        "fc00::1": "unique-local",
         "169.254.1.1": "link-local",
         "fe80::1": "link-local",
         "169.254.169.254": "cloud metadata",
         "fd00:ec2::254": "cloud metadata",
         "0.0.0.0": "unspecified",
         "239.1.1.1": "multicast",
-        "100.64.0.1": "shared (carrier-grade NAT)",
-        "::ffff:10.0.0.1": "private (wrapped in IPv6)",
+        "100.64.0.1": "shared address space (carrier-grade NAT, RFC 6598)",
+        "::ffff:10.0.0.1": "private-use (RFC 1918) (embedded in IPv4-mapped)",
     }
     for ip, reason in cases.items():
         with pytest.raises(ForbiddenTargetError) as caught:
@@ -245,6 +250,287 @@ def test_policy_from_settings():
 
     policy = UrlPolicy.from_settings(FakeSettings())
     assert validate_url("http://10.1.1.1/", policy)
+
+
+# --- the table of non-global addresses -----------------------------------------------------
+
+
+def _literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _representative(network):
+    """An address of ``network`` that no more specific row of the table claims."""
+    inner = [
+        other
+        for other, _ in NOT_GLOBAL
+        if other != network and other.version == network.version and other.subnet_of(network)
+    ]
+    offsets = (
+        0,
+        network.num_addresses - 1,
+        1,
+        network.num_addresses - 2,
+        network.num_addresses // 2,
+    )
+    candidates = [network[i] for i in offsets if 0 <= i < network.num_addresses]
+    return next(c for c in candidates if not any(c in n for n in inner))
+
+
+TABLE_ROWS = [pytest.param(net, reason, id=str(net)) for net, reason in NOT_GLOBAL]
+
+
+@pytest.mark.parametrize(("network", "reason"), TABLE_ROWS)
+def test_every_row_of_the_table_is_refused(network, reason):
+    address = _representative(network)
+    with pytest.raises(ForbiddenTargetError) as caught:
+        validate_url(f"http://{_literal(address)}/", UrlPolicy())
+    assert reason in caught.value.details["reason"]
+    # and as the answer of a name, through the guard's resolver, before any connection
+    resolver, connector = FakeResolver({"row.test": [str(address)]}), FakeConnector()
+    with pytest.raises(ForbiddenTargetError, match=re.escape(reason)):
+        fetch("http://row.test/", UrlPolicy(), timeout=2, resolver=resolver, connector=connector)
+    assert resolver.calls == ["row.test"] and connector.attempts == []
+
+
+def test_the_table_is_one_table():
+    networks = [network for network, _ in NOT_GLOBAL]
+    assert len(networks) == len(set(networks)), "a network listed twice"
+    assert set(_EMBEDDINGS) <= set(networks), "an embedding outside NOT_GLOBAL"
+
+
+def _teredo(server: str, client: str) -> str:
+    """A Teredo address (RFC 4380): server IPv4, then the client's IPv4 inverted."""
+    bits = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64)
+    return str(ipaddress.IPv6Address(bits | (~int(ipaddress.IPv4Address(client)) & 0xFFFFFFFF)))
+
+
+# Written by hand, independently of NOT_GLOBAL: deleting or loosening a row fails here.
+NAMED_NOT_GLOBAL = [
+    ("0.0.0.0", "unspecified"),
+    ("0.1.2.3", "this network"),
+    ("10.255.0.1", "private-use"),
+    ("100.64.0.1", "shared address space"),
+    ("100.127.255.254", "shared address space"),
+    ("100.100.100.200", "cloud metadata"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("169.254.0.1", "link-local"),
+    ("169.254.169.254", "cloud metadata"),
+    ("172.16.0.1", "private-use"),
+    ("192.0.0.1", "DS-Lite"),
+    ("192.0.0.9", "IETF protocol assignments"),
+    ("192.0.0.100", "IETF protocol assignments"),
+    ("192.0.0.170", "NAT64/DNS64 discovery"),
+    ("192.0.0.255", "IETF protocol assignments"),
+    ("192.0.2.1", "documentation"),
+    ("192.88.99.1", "6to4 relay anycast"),
+    ("192.168.255.255", "private-use"),
+    ("198.18.0.1", "benchmarking"),
+    ("198.19.255.254", "benchmarking"),
+    ("198.51.100.7", "documentation"),
+    ("203.0.113.9", "documentation"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "limited broadcast"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("::2", "IPv4-compatible"),
+    ("::10.0.0.1", "IPv4-compatible"),
+    ("::93.184.216.34", "IPv4-compatible"),  # refused whatever it holds
+    ("1::1", "reserved by IETF"),
+    ("100::1", "discard-only"),
+    ("100:0:0:1::1", "dummy IPv6 prefix"),
+    ("200::1", "reserved by IETF"),
+    ("1fff:ffff::1", "reserved by IETF"),
+    ("2001:1::1", "IETF protocol assignments"),
+    ("2001:2::1", "benchmarking"),
+    ("2001:10::1", "ORCHID"),
+    ("2001:db8::1", "documentation"),
+    ("3fff::1", "documentation"),
+    ("4000::1", "reserved by IETF"),
+    ("5f00::1", "SRv6"),
+    ("fc00::1", "unique-local"),
+    ("fd12:3456::1", "unique-local"),
+    ("fd00:ec2::254", "cloud metadata"),
+    ("fe00::1", "reserved by IETF"),
+    ("fe80::1", "link-local"),
+    ("febf::1", "link-local"),
+    ("fec0::1", "site-local"),
+    ("feff:ffff::1", "site-local"),
+    ("ff02::1", "multicast"),
+    ("ff0e::1", "multicast"),
+    ("64:ff9b:1::a00:1", "local-use NAT64"),
+    ("64:ff9b:1::5db8:d822", "local-use NAT64"),  # its embedding is site-chosen: refused
+    # private IPv4 inside translation and tunnel forms: the embedded address decides
+    ("::ffff:127.0.0.1", "loopback (embedded in IPv4-mapped"),
+    ("::ffff:10.0.0.1", "private-use (RFC 1918) (embedded in IPv4-mapped"),
+    ("::ffff:169.254.169.254", "cloud metadata (embedded in IPv4-mapped"),
+    ("::ffff:192.0.0.1", "DS-Lite, RFC 7335) (embedded in IPv4-mapped"),
+    ("64:ff9b::a9fe:a9fe", "cloud metadata (embedded in NAT64"),
+    ("64:ff9b::7f00:1", "loopback (embedded in NAT64"),
+    ("64:ff9b::c0a8:1", "private-use (RFC 1918) (embedded in NAT64"),
+    ("64:ff9b::6440:1", "shared address space (carrier-grade NAT, RFC 6598) (embedded in NAT64"),
+    ("2002:7f00:1::1", "loopback (embedded in 6to4"),
+    ("2002:a00:1::", "private-use (RFC 1918) (embedded in 6to4"),
+    ("2002:c612:1::1", "benchmarking (RFC 2544) (embedded in 6to4"),
+    (_teredo("10.0.0.1", "93.184.216.34"), "private-use (RFC 1918) (embedded in Teredo"),
+    (_teredo("93.184.216.34", "127.0.0.1"), "loopback (embedded in Teredo"),
+    (_teredo("93.184.216.34", "192.168.1.1"), "private-use (RFC 1918) (embedded in Teredo"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason"), NAMED_NOT_GLOBAL)
+def test_named_non_global_addresses_are_refused(address, reason):
+    literal = _literal(ipaddress.ip_address(address))
+    with pytest.raises(ForbiddenTargetError) as caught:
+        validate_url(f"http://{literal}:8080/x", UrlPolicy())
+    assert reason in caught.value.details["reason"]
+    assert "not a global unicast address" in caught.value.message
+    with pytest.raises(ForbiddenTargetError):
+        check_address(address, UrlPolicy())
+
+
+# Public IPv4 inside a translation or tunnel form stands for a public destination: accepted
+# (a DNS64 resolver answers 64:ff9b::/96 addresses for every IPv4-only site).
+GLOBAL = [
+    "8.8.8.8",
+    "1.1.1.1",
+    PUBLIC,
+    "100.63.255.255",  # just below shared address space
+    "100.128.0.0",  # just above it
+    "172.32.0.1",
+    "192.0.1.1",  # just above 192.0.0.0/24
+    "192.31.196.1",  # AS112: globally reachable, left out of the table on purpose
+    "198.17.255.255",
+    "198.20.0.1",
+    "223.255.255.254",
+    PUBLIC6,
+    "2001:4860:4860::8888",
+    "2001:200::1",  # just above 2001::/23
+    "2003::1",
+    "3ffe:ffff::1",  # just below 3fff::/20
+    "3fff:1000::1",  # just above it
+    "::ffff:93.184.216.34",
+    "64:ff9b::5db8:d822",
+    "2002:5db8:d822::1",
+    _teredo("93.184.216.34", "8.8.8.8"),
+]
+
+
+@pytest.mark.parametrize("address", GLOBAL)
+def test_global_unicast_addresses_pass(address):
+    literal = _literal(ipaddress.ip_address(address))
+    assert validate_url(f"http://{literal}/", UrlPolicy())
+    assert str(check_address(address, UrlPolicy())) == str(ipaddress.ip_address(address))
+    connector = FakeConnector({address: http_response(200, [], b"ok")})
+    resolver = FakeResolver({"public.test": [address]})
+    result = fetch(
+        "http://public.test/", UrlPolicy(), timeout=2, resolver=resolver, connector=connector
+    )
+    assert result.content == b"ok"
+
+
+def test_redirect_to_a_site_local_address_is_refused_before_connecting():
+    resolver, connector = one_site(http_response(302, [("Location", "http://[fec0::1]/")]))
+    with pytest.raises(ForbiddenTargetError, match="site-local"):
+        fetch("http://site.test/", UrlPolicy(), timeout=2, resolver=resolver, connector=connector)
+    assert connector.attempts == [(PUBLIC, 80)]
+
+
+@pytest.mark.parametrize(
+    ("allow", "address"),
+    [
+        ("fec0::/10", "fec0::1"),
+        ("192.0.0.0/24", "192.0.0.1"),
+        ("198.18.0.0/15", "198.18.0.1"),
+        ("10.0.0.0/8", "64:ff9b::a00:5"),  # NAT64 of an allowed IPv4 network
+        ("10.0.0.0/8", "2002:a00:5::1"),
+    ],
+)
+def test_ssrf_allow_exempts_new_rows_too(allow, address):
+    literal = _literal(ipaddress.ip_address(address))
+    assert validate_url(f"http://{literal}/", UrlPolicy(allow=(allow,)))
+
+
+# --- internationalised host names ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://xn--bcher-kva.example/a", "http://XN--BCHER-KVA.example/a", "http://bücher.example/a"],
+)
+def test_idn_hosts_are_accepted_in_punycode(url):
+    assert validate_url(url, UrlPolicy()) == "http://xn--bcher-kva.example/a"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://xn--bcher-kva.example/", "https://Bücher.example/", "https://例え.テスト/"]
+)
+def test_idn_hosts_are_resolved_as_punycode(url):
+    name = "xn--r8jz45g.xn--zckzah" if "例" in url else "xn--bcher-kva.example"
+    resolver = FakeResolver({name: [PUBLIC]})
+    connector = FakeConnector({PUBLIC: http_response(200, [("Content-Type", "text/html")], b"x")})
+    result = fetch(url, UrlPolicy(), timeout=2, resolver=resolver, connector=connector)
+    assert result.content == b"x"
+    assert resolver.calls == [name]
+    assert connector.attempts == [(PUBLIC, 443)]
+    assert connector.tls_names == [name]  # SNI and the certificate check use the A-label
+
+
+def test_idn_host_resolving_to_a_private_address_is_refused():
+    resolver, connector = FakeResolver({"xn--bcher-kva.example": ["10.0.0.5"]}), FakeConnector()
+    with pytest.raises(ForbiddenTargetError, match=r"xn--bcher-kva\.example \(10\.0\.0\.5\)"):
+        fetch(
+            "http://bücher.example/", UrlPolicy(), timeout=2, resolver=resolver, connector=connector
+        )
+    assert connector.attempts == []
+
+
+def test_idn_allow_entry_in_unicode_matches_the_punycode_host():
+    resolver = FakeResolver({"xn--bcher-kva.example": ["10.0.0.5"]})
+    connector = FakeConnector({"10.0.0.5": http_response(200, [], b"in")})
+    policy = UrlPolicy(allow=("Bücher.example",))
+    result = fetch(
+        "http://xn--bcher-kva.example/", policy, timeout=2, resolver=resolver, connector=connector
+    )
+    assert result.content == b"in"
+
+
+def test_webhook_post_to_an_idn_host():
+    resolver = FakeResolver({"xn--bcher-kva.example": [PUBLIC]})
+    connector = FakeConnector({PUBLIC: http_response(204)})
+    answer = post(
+        "https://bücher.example/hook",
+        UrlPolicy(),
+        content=b"{}",
+        resolver=resolver,
+        connector=connector,
+    )
+    assert answer.status == 204 and resolver.calls == ["xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://xn--zz.example/", "Invalid A-label"),
+        ("http://www.xn--zz.example/", "Invalid A-label"),
+        ("http://xn--.example/", "no Punycode"),
+        ("http://xn--abc-.example/", "must not end with a hyphen"),
+        ("http://xn--a-ecp.example/", "not allowed"),  # decodes to a disallowed code point
+    ],
+)
+def test_invalid_a_labels_are_refused_clearly(url, why):
+    with pytest.raises(InvalidInputError, match="invalid internationalised host name") as caught:
+        validate_url(url, UrlPolicy())
+    assert why in caught.value.message
+
+
+@pytest.mark.parametrize("url", ["http://a\u2488.example/", "http://ｅｘａｍｐｌｅ.com/"])
+def test_invalid_unicode_host_names_are_refused_clearly(url):
+    with pytest.raises(InvalidInputError, match="Invalid IDNA hostname"):
+        validate_url(url, UrlPolicy())
 
 
 # --- resolution and connection ----------------------------------------------------------

@@ -4,7 +4,10 @@ Three layers, each usable alone (the web processor uses ``fetch``; the webhook s
 uses ``post``; both are built on ``validate_url`` and ``safe_client``):
 
 * ``validate_url`` — syntax only, no DNS: scheme, host, no credentials, literal addresses.
-* ``check_address`` — is one IP address a public unicast address (or allowed by policy)?
+  Host names are checked in their ASCII form: Unicode names IDNA-encoded (by httpx, with
+  the ``idna`` package), ``xn--`` labels validated as IDNA 2008.
+* ``check_address`` — is one IP address a global unicast address (or allowed by policy)?
+  An allow-list in effect: ``NOT_GLOBAL`` covers every address that is not global unicast.
 * ``SafeBackend`` — an ``httpcore`` network backend. httpcore hands ``connect_tcp`` the
   host name; the backend resolves it once through an injectable resolver, checks EVERY
   answer, and connects to one of the addresses it checked. Nothing downstream resolves the
@@ -31,6 +34,7 @@ from typing import Any
 
 import httpcore
 import httpx
+import idna
 
 from morag.core.errors import (
     ForbiddenTargetError,
@@ -51,13 +55,122 @@ USER_AGENT = "morag/0.1 (ingestion service)"
 MAX_URL_LENGTH = 8192
 MAX_CONNECT_ATTEMPTS = 4  # bounds the cost of a name with many silent addresses
 
-_METADATA = {
-    ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
-    ipaddress.ip_address("fd00:ec2::254"),  # AWS IPv6
-    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+
+def _net(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text)
+
+
+# Every destination that is not global unicast, one (network, reason) row each: the guard
+# refuses an address when the LONGEST prefix containing it is a row here, so a specific row
+# (cloud metadata) names the refusal inside a broad one (link-local). Sources:
+# * IANA IPv4 Special-Purpose Address Registry and IANA IPv6 Special-Purpose Address
+#   Registry (RFC 6890 format), as revised up to RFC 9637 (3fff::/20, 2024), RFC 9602
+#   (5f00::/16, 2024) and RFC 9780 (100:0:0:1::/64, 2025): every row that is not globally
+#   reachable. Rows marked globally reachable are left out when they sit in global space
+#   (AS112 192.31.196.0/24, 192.175.48.0/24, 2620:4f:8000::/48; AMT 192.52.193.0/24) and
+#   refused with their parent block otherwise (the anycast hosts of 192.0.0.0/24 and
+#   2001::/23): no web page or webhook lives there.
+# * IANA IPv4 Address Space (224.0.0.0/4 multicast) and IANA IPv6 Address Space (2024-09-10):
+#   only 2000::/3 is global unicast, so every other block of that registry is a row.
+# * Cloud metadata endpoints, which sit inside rows already, for a clearer refusal.
+# The four rows named in _EMBEDDINGS carry an IPv4 address: for them the verdict is that of
+# the embedded address(es), looked up in this same table (see _refusal_reason).
+NOT_GLOBAL: tuple[tuple[IPNetwork, str], ...] = (
+    # --- IPv4 ---------------------------------------------------------------------------
+    (_net("0.0.0.0/8"), "this network (RFC 791)"),
+    (_net("0.0.0.0/32"), "unspecified"),
+    (_net("10.0.0.0/8"), "private-use (RFC 1918)"),
+    (_net("100.64.0.0/10"), "shared address space (carrier-grade NAT, RFC 6598)"),
+    (_net("100.100.100.200/32"), "cloud metadata"),  # Alibaba Cloud
+    (_net("127.0.0.0/8"), "loopback"),
+    (_net("169.254.0.0/16"), "link-local"),
+    (_net("169.254.169.254/32"), "cloud metadata"),  # AWS, GCP, Azure, OpenStack, Oracle
+    (_net("172.16.0.0/12"), "private-use (RFC 1918)"),
+    (_net("192.0.0.0/24"), "IETF protocol assignments (RFC 6890)"),
+    (_net("192.0.0.0/29"), "IPv4 service continuity (DS-Lite, RFC 7335)"),
+    (_net("192.0.0.8/32"), "IPv4 dummy address (RFC 7600)"),
+    (_net("192.0.0.170/31"), "NAT64/DNS64 discovery (RFC 8880)"),
+    (_net("192.0.2.0/24"), "documentation (TEST-NET-1, RFC 5737)"),
+    (_net("192.88.99.0/24"), "deprecated 6to4 relay anycast (RFC 7526)"),
+    (_net("192.168.0.0/16"), "private-use (RFC 1918)"),
+    (_net("198.18.0.0/15"), "benchmarking (RFC 2544)"),
+    (_net("198.51.100.0/24"), "documentation (TEST-NET-2, RFC 5737)"),
+    (_net("203.0.113.0/24"), "documentation (TEST-NET-3, RFC 5737)"),
+    (_net("224.0.0.0/4"), "multicast"),
+    (_net("240.0.0.0/4"), "reserved (RFC 1112)"),
+    (_net("255.255.255.255/32"), "limited broadcast"),
+    # --- IPv6: the IPv6 Address Space outside 2000::/3 -----------------------------------
+    (_net("::/8"), "reserved by IETF"),
+    (_net("100::/8"), "reserved by IETF"),
+    (_net("200::/7"), "reserved by IETF"),
+    (_net("400::/6"), "reserved by IETF"),
+    (_net("800::/5"), "reserved by IETF"),
+    (_net("1000::/4"), "reserved by IETF"),
+    (_net("4000::/3"), "reserved by IETF"),
+    (_net("6000::/3"), "reserved by IETF"),
+    (_net("8000::/3"), "reserved by IETF"),
+    (_net("a000::/3"), "reserved by IETF"),
+    (_net("c000::/3"), "reserved by IETF"),
+    (_net("e000::/4"), "reserved by IETF"),
+    (_net("f000::/5"), "reserved by IETF"),
+    (_net("f800::/6"), "reserved by IETF"),
+    (_net("fc00::/7"), "unique-local"),
+    (_net("fd00:ec2::254/128"), "cloud metadata"),  # AWS
+    (_net("fe00::/9"), "reserved by IETF"),
+    (_net("fe80::/10"), "link-local"),
+    (_net("fec0::/10"), "site-local (deprecated, RFC 3879)"),
+    (_net("ff00::/8"), "multicast"),
+    # --- IPv6: Special-Purpose rows ------------------------------------------------------
+    (_net("::/128"), "unspecified"),
+    (_net("::1/128"), "loopback"),
+    (_net("::/96"), "IPv4-compatible (deprecated, RFC 4291)"),  # refused whatever it holds
+    (_net("::ffff:0:0/96"), "IPv4-mapped"),  # embedding
+    (_net("64:ff9b::/96"), "NAT64 (RFC 6052)"),  # embedding
+    (_net("64:ff9b:1::/48"), "local-use NAT64 (RFC 8215)"),  # its embedding is site-chosen
+    (_net("100::/64"), "discard-only (RFC 6666)"),
+    (_net("100:0:0:1::/64"), "dummy IPv6 prefix (RFC 9780)"),
+    (_net("2001::/23"), "IETF protocol assignments (RFC 2928)"),
+    (_net("2001::/32"), "Teredo (RFC 4380)"),  # embedding
+    (_net("2001:2::/48"), "benchmarking (RFC 5180)"),
+    (_net("2001:10::/28"), "deprecated ORCHID (RFC 4843)"),
+    (_net("2001:db8::/32"), "documentation (RFC 3849)"),
+    (_net("2002::/16"), "6to4 (RFC 3056)"),  # embedding
+    (_net("3fff::/20"), "documentation (RFC 9637)"),
+    (_net("5f00::/16"), "SRv6 segment identifiers (RFC 9602)"),
+)
+
+
+def _mapped(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+
+
+def _teredo(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    return ip.teredo or ()  # (server, client): either may be the one a packet reaches
+
+
+def _sixtofour(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    return (ip.sixtofour,) if ip.sixtofour is not None else ()
+
+
+# IPv6 blocks whose addresses carry an IPv4 address that a translator, tunnel or the local
+# dual stack delivers to: mapped and NAT64 stand for that IPv4 address; a 6to4 or Teredo
+# address is a global IPv6 address as long as the IPv4 addresses it relays through are.
+_EMBEDDINGS: dict[IPNetwork, Callable[[ipaddress.IPv6Address], tuple[IPAddress, ...]]] = {
+    _net("::ffff:0:0/96"): _mapped,
+    _net("64:ff9b::/96"): _mapped,
+    _net("2001::/32"): _teredo,
+    _net("2002::/16"): _sixtofour,
 }
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# per IP version, longest prefix first: the first row containing an address judges it
+_ROWS_BY_SPECIFICITY = {
+    version: sorted(
+        (row for row in NOT_GLOBAL if row[0].version == version),
+        key=lambda row: row[0].prefixlen,
+        reverse=True,
+    )
+    for version in (4, 6)
+}
+
 _LOCAL_NAMES = re.compile(r"^(localhost|localhost\.localdomain|.*\.localhost)\.?$")
 _HOST_CHARS = re.compile(r"^[a-z0-9_.-]+$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
@@ -85,7 +198,7 @@ class UrlPolicy:
             try:
                 networks.append(ipaddress.ip_network(text, strict=False))
             except ValueError:
-                hosts.add(text.rstrip("."))
+                hosts.add(_allow_entry_name(text.rstrip(".")))
         object.__setattr__(self, "allow", tuple(self.allow))
         object.__setattr__(self, "schemes", tuple(s.lower() for s in self.schemes))
         object.__setattr__(self, "allowed_hosts", frozenset(hosts))
@@ -99,11 +212,13 @@ class UrlPolicy:
         return host.lower().rstrip(".") in self.allowed_hosts
 
     def address_allowed(self, ip: IPAddress) -> bool:
+        if self._in_allowed(ip):
+            return True
         inner = _embedded_ipv4(ip)  # 127.0.0.1 allowed also allows ::ffff:127.0.0.1
-        forms = [ip] if inner is None else [ip, inner]
-        return any(
-            f in net for f in forms for net in self.allowed_networks if f.version == net.version
-        )
+        return bool(inner) and all(self._in_allowed(v4) for v4 in inner)
+
+    def _in_allowed(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self.allowed_networks if ip.version == net.version)
 
 
 @dataclass(frozen=True)
@@ -119,36 +234,30 @@ class FetchResult:
 # --- checks without I/O -------------------------------------------------------------------
 
 
-def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address hidden in an IPv6 wrapper (mapped, NAT64, 6to4), if any."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped:
-            return ip.ipv4_mapped
-        if ip in _NAT64:
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if ip.sixtofour:
-            return ip.sixtofour
-    return None
+def _row(ip: IPAddress) -> tuple[IPNetwork, str] | None:
+    """The most specific ``NOT_GLOBAL`` row containing ``ip``, if any."""
+    return next((row for row in _ROWS_BY_SPECIFICITY[ip.version] if ip in row[0]), None)
+
+
+def _embedded_ipv4(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """The IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo), if any."""
+    row = _row(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    extract = _EMBEDDINGS.get(row[0]) if row else None
+    return extract(ip) if extract and isinstance(ip, ipaddress.IPv6Address) else ()
 
 
 def _refusal_reason(ip: IPAddress) -> str | None:
-    """Why ``ip`` is not a public unicast address, or None when it is."""
+    """Why ``ip`` is not a global unicast address, or None when it is."""
+    row = _row(ip)
+    if row is None:
+        return None
+    network, reason = row
     inner = _embedded_ipv4(ip)
-    if inner is not None:
-        reason = _refusal_reason(inner)
-        return f"{reason} (wrapped in IPv6)" if reason else None
-    checks = [
-        (ip in _METADATA, "cloud metadata"),
-        (ip.is_unspecified, "unspecified"),
-        (ip.is_loopback, "loopback"),
-        (ip.is_link_local, "link-local"),
-        (ip.is_multicast, "multicast"),
-        (ip.version == 4 and ip in _CGNAT, "shared (carrier-grade NAT)"),
-        (ip.is_private, "private"),
-        (ip.is_reserved, "reserved"),
-        (not ip.is_global, "non-public"),
-    ]
-    return next((reason for hit, reason in checks if hit), None)
+    if network not in _EMBEDDINGS or not inner:
+        return reason
+    # the embedded IPv4 is judged by the same table: deny when any of it is not global
+    inner_reasons = [r for r in map(_refusal_reason, inner) if r]
+    return f"{inner_reasons[0]} (embedded in {reason})" if inner_reasons else None
 
 
 def _same_address(host: str, address: IPAddress) -> bool:
@@ -159,7 +268,7 @@ def _same_address(host: str, address: IPAddress) -> bool:
 
 
 def check_address(ip: str | IPAddress, policy: UrlPolicy, host: str = "") -> IPAddress:
-    """Refuse a non-public address unless the policy allows its host or network."""
+    """Refuse an address that is not global unicast unless the policy allows its host or network."""
     address = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
     if (host and policy.host_allowed(host)) or policy.address_allowed(address):
         return address
@@ -167,7 +276,7 @@ def check_address(ip: str | IPAddress, policy: UrlPolicy, host: str = "") -> IPA
     if reason:
         shown = str(address) if not host or _same_address(host, address) else f"{host} ({address})"
         raise ForbiddenTargetError(
-            f"refusing to connect to {shown}: {reason} address "
+            f"refusing to connect to {shown}: {reason}, not a global unicast address "
             "(add the host or network to ssrf_allow to permit it)",
             details={"host": host or str(address), "address": str(address), "reason": reason},
         )
@@ -197,23 +306,52 @@ def validate_url(url: str, policy: UrlPolicy) -> str:
         raise ForbiddenTargetError(
             "URLs with credentials (user@host) are not allowed", details={"url": text}
         )
-    host = parsed.host.lower()
+    # raw_host is what goes on the wire: lower case, a Unicode name already IDNA-encoded
+    # (``host`` would decode xn-- labels back to Unicode, and raise on invalid ones)
+    host = parsed.raw_host.decode("ascii")
     if not host:
         raise InvalidInputError(f"URL has no host: {text!r}")
     _check_host(host, policy)
     return str(parsed.copy_with(fragment=None))
 
 
-def _check_host(host: str, policy: UrlPolicy) -> None:
-    """Refuse literal addresses, local names and ambiguous numeric hosts (no DNS)."""
-    bare = host.rstrip(".")
+def _ascii_host(host: str) -> str:
+    """``host`` in the ASCII form DNS sees: Unicode labels IDNA-encoded, ``xn--`` labels
+    checked to be valid IDNA 2008 (as httpx encodes them), all lower case."""
+    name = host.lower()
     try:
-        address = ipaddress.ip_address(bare)
+        if not name.isascii():
+            return idna.encode(name).decode("ascii")
+        for label in name.split("."):
+            if label.startswith("xn--"):
+                idna.decode(label)
+    except idna.IDNAError as exc:
+        raise InvalidInputError(
+            f"invalid internationalised host name {host!r}: {exc} (IDNA 2008)",
+            details={"host": host, "reason": str(exc)},
+        ) from None
+    return name
+
+
+def _allow_entry_name(name: str) -> str:
+    try:
+        return _ascii_host(name)
+    except InvalidInputError:
+        return name  # can never match a valid host; kept rather than failing start-up
+
+
+def _check_host(host: str, policy: UrlPolicy) -> str:
+    """Refuse literal addresses, local names and ambiguous numeric hosts (no DNS); return
+    the host in the form to resolve (ASCII)."""
+    try:
+        address = ipaddress.ip_address(host.rstrip("."))
     except ValueError:
         address = None
     if address is not None:
         check_address(address, policy, host)
-        return
+        return host
+    name = _ascii_host(host)
+    bare = name.rstrip(".")
     if len(bare) > 253 or not _HOST_CHARS.match(bare):
         raise InvalidInputError(f"invalid host name {host!r}")
     # 2130706433, 0x7f.1, 0177.0.0.1: resolvers read these as addresses; humans do not
@@ -224,6 +362,7 @@ def _check_host(host: str, policy: UrlPolicy) -> None:
             f"refusing to connect to {host}: local host name (add it to ssrf_allow to permit it)",
             details={"host": host, "reason": "local host name"},
         )
+    return name
 
 
 # --- resolution and connection ------------------------------------------------------------
@@ -324,13 +463,14 @@ class SafeBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        _check_host(host, self.policy)  # literal addresses are checked here, never resolved
+        # literal addresses are checked here, never resolved; a name is resolved in ASCII
+        name = _check_host(host, self.policy)
         try:
-            addresses = [str(ipaddress.ip_address(host.rstrip(".")))]
+            addresses = [str(ipaddress.ip_address(name.rstrip(".")))]
         except ValueError:
-            addresses = _resolve(host, port, self.resolver, _remaining(self.deadline, timeout))
+            addresses = _resolve(name, port, self.resolver, _remaining(self.deadline, timeout))
         for address in addresses:  # all of them: one bad answer is a rebinding signature
-            check_address(address, self.policy, host)
+            check_address(address, self.policy, name)
         last_error: Exception | None = None
         for address in addresses[:MAX_CONNECT_ATTEMPTS]:
             try:
