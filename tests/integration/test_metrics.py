@@ -88,7 +88,7 @@ def test_job_counters_and_histograms_move_as_jobs_run(client: TestClient, worker
             f"job {task_id} to end",
         )
     text = scrape(client)
-    assert value(text, "morag_jobs_submitted_total", kind="system") == 3
+    assert value(text, "morag_jobs_submitted_total", kind="system", owner="anonymous") == 3
     assert value(text, "morag_jobs_finished_total", kind="system", state="success") == 2
     assert value(text, "morag_jobs_finished_total", kind="system", state="failure") == 1
     assert value(text, "morag_job_queue_wait_seconds_count", kind="system") == 3

@@ -267,7 +267,7 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[7])
-redis.call('HINCRBY', KEYS[7], 'c|submitted|' .. ARGV[8], 1)
+redis.call('HINCRBY', KEYS[7], 'c|submitted|' .. ARGV[8] .. '|' .. ARGV[7], 1)
 emit(KEYS[2], KEYS[6], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
 return 1
 """

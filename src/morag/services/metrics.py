@@ -213,7 +213,9 @@ class DeploymentMetrics:
         counters: dict[tuple[str, ...], float] = jobs["counters"]
         hist: Histograms = jobs["histograms"]
         submitted = CounterMetricFamily(
-            "morag_jobs_submitted", "Jobs submitted (records created), by kind", labels=["kind"]
+            "morag_jobs_submitted",
+            "Jobs submitted (records created), by kind and owner (the API key's name)",
+            labels=["kind", "owner"],
         )
         finished = CounterMetricFamily(
             "morag_jobs_finished",
@@ -240,8 +242,8 @@ class DeploymentMetrics:
             recovery.add_metric([action], counters.get(("recovery", action), 0.0))
         worker_starts.add_metric([], counters.get(("worker", "started"), 0.0))
         for name, value in sorted(counters.items()):
-            if name[0] == "submitted" and len(name) == 2:
-                submitted.add_metric([name[1]], value)
+            if name[0] == "submitted" and len(name) == 3:
+                submitted.add_metric([name[1], name[2]], value)
             elif name[0] == "finished" and len(name) == 3:
                 finished.add_metric([name[1], name[2]], value)
             elif name[0] == "webhook" and len(name) == 2:
