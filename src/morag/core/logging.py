@@ -4,7 +4,8 @@ Every log line is one line of plain text: control characters in any field (a req
 path with ``%0d``, a file name with an ANSI escape) are written as escapes (``\\r``,
 ``\\x1b``), so nobody can forge a line or drive the reader's terminal. structlog events
 get this from ``escape_control_characters`` in the processor chain; stdlib records (Celery,
-uvicorn) from the ``EscapeControlCharacters`` filter on their handlers.
+uvicorn) from the ``EscapeControlCharacters`` filter on their handlers. httpx's request
+lines show URLs as ``redact_url`` does (a webhook's token stays out of the log).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import re
 import sys
 from typing import Any, TextIO
 
+import httpx
 import structlog
+
+from morag.core.redaction import redact_url
 
 # C0 controls, DEL, C1 controls (0x9b is CSI on some terminals), the Unicode line and
 # paragraph separators and the bidi embeddings/overrides/isolates (they reorder a line).
@@ -94,6 +98,25 @@ class EscapeControlCharacters(logging.Filter):
         return True
 
 
+class RedactUrls(logging.Filter):
+    """A logger filter for httpx, which logs every request's full URL at INFO: the URLs
+    in its records shown without user info, query and fragment (``redact_url``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
+            record.args = tuple(
+                redact_url(str(a)) if isinstance(a, httpx.URL) else a for a in record.args
+            )
+        return True
+
+
+def redact_http_client_logs() -> None:
+    """Webhook and fetched URLs in httpx's request lines lose their secrets (once)."""
+    client_logger = logging.getLogger("httpx")
+    if not any(isinstance(f, RedactUrls) for f in client_logger.filters):
+        client_logger.addFilter(RedactUrls())
+
+
 def escape_stdlib_logs(logger: logging.Logger) -> None:
     """Add the escaping filter to ``logger``'s handlers (once each)."""
     for handler in logger.handlers:
@@ -127,6 +150,7 @@ def configure_structlog(
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=True,
     )
+    redact_http_client_logs()
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
