@@ -70,6 +70,12 @@ def test_fast_paths_answer_as_the_routes_do() -> None:
     queued = fast("POST", "/api/v1/ingest/url", headers=good, json={"url": "https://example.com/a"})
     assert queued.status_code == 202, queued.text
     known = queued.json()["task_id"]
+    hooked = fast(
+        "POST",
+        "/api/v1/ingest/url",
+        headers=good,
+        json={"url": "https://example.com/w", "webhook_url": "https://hooks.test/in?token=s3"},
+    ).json()["task_id"]
 
     requests: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", f"/api/v1/status/{known}", {"headers": good}),
@@ -93,6 +99,20 @@ def test_fast_paths_answer_as_the_routes_do() -> None:
             "/api/v1/ingest/url",
             {"headers": {**good, "Content-Type": "application/json"}, "content": b"{not json"},
         ),
+        (
+            "POST",
+            "/api/v1/ingest/url",
+            {
+                "headers": {**good, "Content-Type": "application/json"},
+                "content": b'{"url": "https://example.com/f",\n "source_type" "web"}',
+            },
+        ),
+        (
+            "POST",
+            "/api/v1/ingest/url",
+            {"headers": {**good, "Content-Type": "application/json"}, "content": b"[" * 100_000},
+        ),
+        ("GET", f"/api/v1/status/{hooked}", {"headers": good}),
         (
             "POST",
             "/api/v1/ingest/url",

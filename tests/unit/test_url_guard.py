@@ -801,3 +801,22 @@ def test_result_fields():
     assert result.content_type == "text/html"
     assert result.encoding == "iso-8859-1"
     assert result.content.decode(result.encoding) == "café"
+
+
+# --- posting -----------------------------------------------------------------------------
+
+
+def test_post_errors_name_the_target_without_its_secrets():
+    """A webhook's failure reason goes to the job's history and the worker's log."""
+    resolver = FakeResolver({"hooks.test": [PUBLIC]})
+    with pytest.raises(TransientError) as caught:
+        post(
+            "https://hooks.test/in?token=s3cret",
+            UrlPolicy(),
+            content=b"{}",
+            timeout=2,
+            resolver=resolver,
+            connector=FakeConnector(),  # blocks every connection
+        )
+    assert "cannot connect to https://hooks.test/in" in caught.value.message
+    assert "s3cret" not in caught.value.message and "s3cret" not in str(caught.value.details)

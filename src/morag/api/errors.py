@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis
@@ -72,6 +73,31 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_AT_LINE_COLUMN = re.compile(r" at line (\d+) column (\d+)$")
+
+
+def json_error(exc: RequestValidationError) -> str | None:
+    """Why and where the request body is not JSON (``Expecting ',' delimiter at line 1,
+    column 17``), or None when it is.
+
+    FastAPI's own parse error gives the reason and an offset into the body; pydantic's (a
+    route that validates raw JSON) gives the reason with the place already in it.
+    """
+    for err in exc.errors():
+        if err.get("type") != "json_invalid":
+            continue
+        reason = str((err.get("ctx") or {}).get("error") or err.get("msg") or "")
+        loc = tuple(err.get("loc") or ())
+        doc = exc.body
+        if len(loc) == 2 and isinstance(loc[1], int) and isinstance(doc, str):
+            pos = loc[1]
+            line = doc.count("\n", 0, pos) + 1
+            column = pos - doc.rfind("\n", 0, pos)
+            return f"{reason} at line {line}, column {column}"
+        return _AT_LINE_COLUMN.sub(r" at line \1, column \2", reason)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MoragError)
     async def _morag_error(request: Request, exc: MoragError) -> JSONResponse:
@@ -82,6 +108,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        broken = json_error(exc)
+        if broken is not None:
+            return error_response(
+                422,
+                "invalid_input",
+                f"the request body is not valid JSON: {broken}",
+                {"errors": [{"field": "body", "message": broken}]},
+            )
         errors = [
             {
                 "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
@@ -99,13 +133,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI's answer to a body it could not parse (not UTF-8, nested deeper than
             # Python parses): an invalid request like any other, so 422, saying why.
+            cause = exc.__cause__
             reason = (
                 "nested too deeply"
-                if isinstance(exc.__cause__, RecursionError)
+                if isinstance(cause, RecursionError)
+                else f"not UTF-8 text ({cause.reason})"
+                if isinstance(cause, UnicodeDecodeError)
                 else "not parseable"
             )
             return error_response(
-                422, "invalid_input", f"invalid request: the body is {reason}", {"field": "body"}
+                422,
+                "invalid_input",
+                f"the request body is {reason}",
+                {"errors": [{"field": "body", "message": f"the body is {reason}"}]},
             )
         code = _HTTP_CODES.get(exc.status_code, "error")
         return error_response(

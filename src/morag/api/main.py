@@ -8,6 +8,7 @@ and URL submissions (api/fast_paths.py).
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -37,7 +38,11 @@ from morag.api.routes import batches, health, ingest, status, ui  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.errors import ConfigurationError  # noqa: E402
-from morag.core.logging import configure_logging  # noqa: E402
+from morag.core.logging import (  # noqa: E402
+    EscapeControlCharacters,
+    configure_logging,
+    escape_control,
+)
 from morag.core.private_files import keep_files_private  # noqa: E402
 from morag.services.ingestion import IngestionService  # noqa: E402
 
@@ -116,7 +121,17 @@ def render_request_line(
     owner: str | None = None,
 ) -> str:
     """The request line as structlog writes it: through the renderer ``configure_logging``
-    set (logfmt or JSON), without the rest of the processor chain."""
+    set (logfmt or JSON), without the rest of the processor chain. Its text fields are
+    escaped as the chain's ``escape_control_characters`` would (a path may hold ``%0d``),
+    only when one needs it: a clean field costs one check in C, not the processor's loop."""
+    if not method.isprintable():
+        method = escape_control(method)
+    if not path.isprintable():
+        path = escape_control(path)
+    if task_id is not None and not task_id.isprintable():
+        task_id = escape_control(task_id)
+    if owner is not None and not owner.isprintable():
+        owner = escape_control(owner)
     render = structlog.get_config()["processors"][-1]
     event = {  # in the order the processor chain would have added the keys
         "method": method,
@@ -254,11 +269,17 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     served = app
     if bind != settings.api_host:  # the Host allow-list's default names the bind address
         served = create_app(settings.model_copy(update={"api_host": bind}), celery=celery_app)
+    # uvicorn's loggers have a handler of their own: escape its lines as ours are (its
+    # access log, which formats from the record's arguments, stays off)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["filters"] = {"escape_control": {"()": EscapeControlCharacters}}
+    log_config["handlers"]["default"]["filters"] = ["escape_control"]
     uvicorn.run(
         served,
         host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
+        log_config=log_config,
         access_log=False,  # RequestLogMiddleware logs each request, with its task id
     )
 

@@ -123,7 +123,9 @@ class JobStatus(BaseModel):
     metadata: dict[str, Any]
     batch_id: str | None
     retry_of: str | None
-    webhook_url: str | None
+    webhook_url: str | None = Field(
+        ..., description="the webhook's target without user info, query and fragment"
+    )
     owner: str = Field(..., description="the name of the API key that submitted the job")
 
 

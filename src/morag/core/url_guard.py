@@ -43,6 +43,7 @@ from morag.core.errors import (
     TransientError,
     UnsupportedFormatError,
 )
+from morag.core.redaction import redact_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -716,6 +717,7 @@ def post(
     """
     deadline = time.monotonic() + timeout
     target = validate_url(url, policy)
+    shown = redact_url(target)  # a POST target (a webhook) often carries its credentials
     with (
         safe_client(
             policy,
@@ -725,14 +727,14 @@ def post(
             deadline=deadline,
             verify=verify,
         ) as client,
-        _http_errors(target, timeout, "posting to"),
+        _http_errors(shown, timeout, "posting to"),
     ):
         request = client.build_request(
             "POST",
             target,
             content=content,
             headers=headers,
-            timeout=_remaining_or_fail(deadline, target, timeout),
+            timeout=_remaining_or_fail(deadline, shown, timeout),
         )
         response = client.send(request, stream=True)
         try:

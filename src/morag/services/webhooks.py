@@ -23,8 +23,10 @@ event again. The ``webhook-id`` header is the same for every attempt and copy of
 event, so receivers can drop duplicates, as Standard Webhooks intends.
 ``<prefix>:webhooks:done:<id>`` marks a delivery that ended (a late copy does nothing).
 
-Every attempt is written to the job's history (stage ``webhook``). Targets pass the same
-SSRF guard as ingested URLs, checked again at each attempt (DNS may have moved).
+Every attempt is written to the job's history (stage ``webhook``) and logged, naming the
+target as ``redact_url`` shows it (its token stays in the record, for delivery alone).
+Targets pass the same SSRF guard as ingested URLs, checked again at each attempt (DNS may
+have moved).
 
 Signing: Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature:
 v1,<base64 HMAC-SHA256 of "id.timestamp.body">``) with ``settings.webhook_secret``. With
@@ -47,6 +49,7 @@ from standardwebhooks import Webhook
 
 from morag.core.errors import ForbiddenTargetError, InvalidInputError, MoragError
 from morag.core.keys import RedisKeys
+from morag.core.redaction import redact_url
 from morag.core.url_guard import PostResult, UrlPolicy, post, validate_url
 from morag.services.jobs import JobStore, TaskInfo, TaskStatus, utcnow
 
@@ -288,6 +291,8 @@ class WebhookSender:
             self._end(task_id)
             log.warning("webhook dropped: the job record or its URL is gone")
             return DeliveryResult("gone")
+        # Logs and history name the target without secrets; errors from ``post`` do too.
+        log = log.bind(webhook=redact_url(info.webhook_url))
         common = {"webhook_event": EVENT_TYPES[state], "delivery_attempt": attempt}
         try:
             validate_url(info.webhook_url, self.policy)  # before any DNS or connection

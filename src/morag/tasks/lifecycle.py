@@ -33,7 +33,7 @@ from celery.exceptions import TimeLimitExceeded
 
 from morag.core.celery_app import celery_app
 from morag.core.config import MODALITY_QUEUES, settings
-from morag.core.logging import configure_structlog
+from morag.core.logging import configure_structlog, escape_stdlib_logs
 from morag.core.private_files import keep_files_private
 from morag.core.redis_conn import get_redis
 from morag.core.sent_events import EVENT_FLUSH_SECONDS, sent_event_batcher
@@ -44,12 +44,20 @@ logger = structlog.get_logger(__name__)
 
 
 @signals.after_setup_logger.connect
-def _configure_structlog(loglevel: Any = None, **_: Any) -> None:
+def _configure_structlog(loglevel: Any = None, logger: Any = None, **_: Any) -> None:
     """Job log lines go straight to the real stderr: Celery redirects ``sys.stdout`` and
     ``sys.stderr`` into its logger, and structlog's default printer would have each line
-    formatted twice (and at warning level)."""
+    formatted twice (and at warning level). Celery's own lines are escaped as ours are."""
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
     configure_structlog(str(level or settings.log_level), settings.log_json, sys.__stderr__)
+    if logger is not None:
+        escape_stdlib_logs(logger)
+
+
+@signals.after_setup_task_logger.connect
+def _escape_task_logs(logger: Any = None, **_: Any) -> None:
+    if logger is not None:
+        escape_stdlib_logs(logger)
 
 
 @signals.worker_init.connect

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pydantic_core
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -374,6 +375,13 @@ def _form_url_items(text: str | None) -> list[UrlIngestRequest]:
     try:
         return BatchRequest.model_validate_json(f'{{"items": {text}}}').items
     except ValidationError as exc:
+        if any(err["type"] == "json_invalid" for err in exc.errors()):
+            try:  # parsed alone, so the place it names is in the field's own text
+                pydantic_core.from_json(text)
+            except ValueError as broken:
+                raise InvalidInputError(
+                    f"the items field is not valid JSON: {broken}", details={"field": "items"}
+                ) from None
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
         ) from None

@@ -23,6 +23,7 @@ from morag.api.schemas import (
     TaskId,
 )
 from morag.core.errors import MoragError, NotFoundError
+from morag.core.redaction import redact_url
 from morag.services.jobs import TaskInfo, TaskStatus
 
 router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[Depends(authenticate)])
@@ -53,7 +54,9 @@ _SSE_EVENT = {
 
 
 def job_status(info: TaskInfo) -> JobStatus:
-    return JobStatus.model_validate({**info.to_dict(), "webhook_url": info.webhook_url})
+    # the record keeps the full webhook URL for delivery; answers show it without secrets
+    hook = redact_url(info.webhook_url) if info.webhook_url else None
+    return JobStatus.model_validate({**info.to_dict(), "webhook_url": hook})
 
 
 @router.get(
