@@ -64,19 +64,24 @@ def api(
 def up(
     host: Annotated[str, typer.Option(help="API interface")] = "",
     port: Annotated[int, typer.Option(help="API port")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="uploads, results, embedded Redis")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="uploads, results, embedded Redis and index")
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 0,
 ) -> None:
     """Start everything on this machine: Redis (embedded unless MORAG_REDIS_URL is set),
+    the index (embedded PostgreSQL unless MORAG_INDEX_URL is set),
     a worker for all five queues, and the API. A child that exits is restarted (a crash
     loop stops everything, exit code 1). Ctrl-C stops them in reverse order."""
     from morag.core.config import Settings
+    from morag.core.embedded_postgres import EmbeddedPostgres
     from morag.core.embedded_redis import EmbeddedRedis
     from morag.core.errors import ConfigurationError
     from morag.core.private_files import keep_files_private
     from morag.core.supervisor import (
         Child,
         ChildProcess,
+        EmbeddedIndexProcess,
         EmbeddedRedisProcess,
         RestartPolicy,
         Supervisor,
@@ -109,6 +114,13 @@ def up(
         typer.echo(f"morag: embedded Redis at {embedded.url} (data in {embedded.data_dir})")
     else:
         typer.echo(f"morag: using Redis at {cfg.redis_url}")
+    if not cfg.index_explicitly_set:
+        index = EmbeddedPostgres(cfg.data_dir / "index")
+        env["MORAG_INDEX_URL"] = index.url  # the socket path: the same after a restart
+        children.append(EmbeddedIndexProcess(index))
+        typer.echo(f"morag: embedded index (PostgreSQL + pgvector) in {index.data_dir}")
+    else:
+        typer.echo("morag: using the index at MORAG_INDEX_URL")
     children += [
         ChildProcess(name, [sys.executable, "-m", "morag.cli", name], env)
         for name in ("worker", "api")

@@ -124,6 +124,17 @@ class Settings(BaseSettings):
     chunk_size_tokens: int = 512
     chunk_overlap_tokens: int = 64
 
+    # --- Index and search ---------------------------------------------------------------
+    # PostgreSQL with pgvector (docs/search.md "The index"): empty is the embedded server
+    # ``morag up`` runs on a unix socket in <data_dir>/index; set a postgresql:// URL to
+    # share one server between machines.
+    index_url: str = ""
+    index_by_default: bool = True  # a job indexes its chunks unless options.index is false
+    # How long a job's index write waits for an unreachable store before the job is retried.
+    index_patience_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # HNSW candidates per vector query (recall vs latency; bench/search_bench.py measures it)
+    index_ef_search: Annotated[int, Field(ge=1, le=1000)] = 100
+
     # --- API ----------------------------------------------------------------------------
     # Keys as name:key (docs/security.md); the name owns the key's jobs. Admin keys see and
     # cancel every owner's jobs. No key at all: local single-user mode.
@@ -202,6 +213,10 @@ class Settings(BaseSettings):
             self.upload_dir = self.data_dir / "uploads"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        if not self.index_url:
+            from morag.core.embedded_postgres import embedded_index_url
+
+            self.index_url = embedded_index_url(self.data_dir / "index")
         self.key_table()  # refuse malformed keys at start-up, naming the entry
         longest_hard = max(self.hard_time_limit(q) for q in ALL_QUEUES)
         if self.visibility_timeout == 0:
@@ -233,6 +248,13 @@ class Settings(BaseSettings):
         if bind not in ("0.0.0.0", "::", "") and bind not in hosts:
             hosts.append(bind)
         return hosts
+
+    @property
+    def index_explicitly_set(self) -> bool:
+        """True when MORAG_INDEX_URL names a server (``morag up`` then starts none)."""
+        from morag.core.embedded_postgres import embedded_index_url
+
+        return self.index_url != embedded_index_url(self.data_dir / "index")
 
     @property
     def redis_explicitly_set(self) -> bool:
