@@ -44,9 +44,11 @@ def get_embedder() -> Any:
             if _embedder is None:
                 from morag.processors.embedding import load_embedder
 
+                # the same arguments as the worker's preload (lifecycle.py): one model
                 _embedder = load_embedder(
-                    getattr(settings, "embedding_model_path", None) or None,
-                    batch_size=int(getattr(settings, "embedding_batch_size", 32)),
+                    settings.embedding_model_path or None,
+                    settings.embedding_batch_size,
+                    settings.embedding_threads,
                 )
     return _embedder
 
@@ -84,7 +86,7 @@ def index_result(
     start = 1.0 - INDEX_SHARE
     task.update_progress(start, f"embedding {len(chunks)} chunks", stage="embedding")
     embedder = get_embedder()
-    batch = max(1, int(getattr(settings, "embedding_batch_size", 32)))
+    batch = settings.embedding_batch_size
     vectors = np.zeros((0, embedder.dim), dtype=np.float32)
     parts = []
     for first in range(0, len(chunks), batch):

@@ -53,8 +53,9 @@ class SearchService:
                     from morag.processors.embedding import load_embedder
 
                     self._embedder = load_embedder(
-                        getattr(self.settings, "embedding_model_path", "") or None,
-                        batch_size=int(getattr(self.settings, "embedding_batch_size", 32)),
+                        self.settings.embedding_model_path or None,
+                        self.settings.embedding_batch_size,
+                        self.settings.embedding_threads,
                     )
         return self._embedder
 
