@@ -16,6 +16,7 @@ import redis
 from tests.harness import (
     ServiceProcess,
     drop_index_database,
+    empty_index,
     find_index,
     find_redis,
     flush_namespace,
@@ -90,8 +91,9 @@ def upload_dir(data_dir: Path) -> Path:
 
 @pytest.fixture
 def isolated(redis_client: redis.Redis, namespace: str) -> Iterator[None]:
-    """This test's Redis state starts empty (the session's keys only)."""
+    """This test's Redis state and index start empty (the session's keys and database)."""
     flush_namespace(redis_client, namespace)
+    empty_index(str(_session["index_url"]))
     yield
 
 

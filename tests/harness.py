@@ -86,6 +86,18 @@ def find_index(namespace: str) -> tuple[str, Any]:
     return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else ""), server
 
 
+def empty_index(url: str) -> None:
+    """Delete every document and chunk of the session's index (a test starts empty)."""
+    from morag.core.index_conn import connect
+
+    conn = connect(url)
+    try:
+        if conn.run("SELECT to_regclass('morag_documents') IS NOT NULL")[0][0]:
+            conn.run("TRUNCATE morag_documents, morag_chunks")
+    finally:
+        conn.close()
+
+
 def drop_index_database(url: str) -> None:
     """Drop the session's database (from the server's default one)."""
     from morag.core.index_conn import connect, parse_index_url

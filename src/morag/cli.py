@@ -303,6 +303,9 @@ def _finish(job: dict[str, Any], as_json: bool) -> None:
         )
         typer.echo(f"{label}: {job.get('task_id')}")
         _print_job(job)
+        document_id = (job.get("result") or {}).get("document_id")
+        if document_id:
+            typer.echo(f"document: {document_id}")
     if job.get("status") != "success":
         raise typer.Exit(EXIT_JOB_FAILED)
 
@@ -458,6 +461,65 @@ def jobs(
             )
     if page.get("next_offset") is not None:
         typer.echo(f"(more: raise --limit; next offset {page['next_offset']})", err=True)
+
+
+def _location(hit: dict[str, Any]) -> str:
+    """``p. 3``, ``Intro > Setup``, ``0:12-0:31``: where in its document a hit is."""
+    loc = hit.get("location") or {}
+    parts = []
+    if loc.get("pages"):
+        pages = loc["pages"]
+        parts.append(f"p. {pages[0]}" + (f"-{pages[-1]}" if len(pages) > 1 else ""))
+    if loc.get("start_seconds") is not None:
+        start, end = float(loc["start_seconds"]), float(loc.get("end_seconds") or 0)
+        parts.append(f"{int(start // 60)}:{start % 60:04.1f}-{int(end // 60)}:{end % 60:04.1f}")
+    if loc.get("heading_path"):
+        parts.append(" > ".join(loc["heading_path"]))
+    return ", ".join(parts)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="a question or keywords")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=100, help="how many hits")] = 10,
+    mode: Annotated[str, typer.Option(help="hybrid, vector or keyword")] = "hybrid",
+    kind: Annotated[
+        list[str] | None, typer.Option(help="only this kind (repeat): document, audio, video, web")
+    ] = None,
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Search the indexed documents: a table of hits (score, source, location, snippet)."""
+    filters = {"kind": kind} if kind else None
+    with _api_errors(), _client(api_url, api_key) as client:
+        answer = client.search(query, k=k, mode=mode, filters=filters)
+    if as_json:
+        _print_json(answer)
+        return
+    hits = answer.get("hits") or []
+    if not hits:
+        typer.echo("no hits")
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table("#", "SCORE", "SOURCE", "WHERE", "TEXT", box=box.SIMPLE_HEAD, pad_edge=False)
+    for rank, hit in enumerate(hits, 1):
+        snippet = " ".join(str(hit.get("text") or "").split())
+        table.add_row(
+            str(rank),
+            f"{float(hit.get('score') or 0):.4f}",
+            str(hit.get("source") or ""),
+            _location(hit),
+            snippet[:160] + ("…" if len(snippet) > 160 else ""),
+        )
+    console.print(table)
+    console.print(
+        f"{len(hits)} hits ({answer.get('mode')}, {answer.get('took_ms')} ms)", highlight=False
+    )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import pg8000.exceptions
 import structlog
 
 from morag.core.errors import ConfigurationError, TransientError
 from morag.core.index_conn import connect, is_unavailable, parse_index_url
+
+if TYPE_CHECKING:  # numpy loads only where vectors are (workers, searches): not at API start
+    import numpy as np
 
 logger = structlog.get_logger(__name__)
 
@@ -121,6 +123,8 @@ class Hit:
 
 def vector_literal(vector: Sequence[float] | np.ndarray) -> str:
     """pgvector's text form of one vector."""
+    import numpy as np
+
     return "[" + ",".join(f"{x:.6g}" for x in np.asarray(vector, dtype=np.float32)) + "]"
 
 
