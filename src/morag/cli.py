@@ -64,19 +64,24 @@ def api(
 def up(
     host: Annotated[str, typer.Option(help="API interface")] = "",
     port: Annotated[int, typer.Option(help="API port")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="uploads, results, embedded Redis")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="uploads, results, embedded Redis and index")
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 0,
 ) -> None:
     """Start everything on this machine: Redis (embedded unless MORAG_REDIS_URL is set),
+    the index (embedded PostgreSQL unless MORAG_INDEX_URL is set),
     a worker for all five queues, and the API. A child that exits is restarted (a crash
     loop stops everything, exit code 1). Ctrl-C stops them in reverse order."""
     from morag.core.config import Settings
+    from morag.core.embedded_postgres import EmbeddedPostgres
     from morag.core.embedded_redis import EmbeddedRedis
     from morag.core.errors import ConfigurationError
     from morag.core.private_files import keep_files_private
     from morag.core.supervisor import (
         Child,
         ChildProcess,
+        EmbeddedIndexProcess,
         EmbeddedRedisProcess,
         RestartPolicy,
         Supervisor,
@@ -109,6 +114,13 @@ def up(
         typer.echo(f"morag: embedded Redis at {embedded.url} (data in {embedded.data_dir})")
     else:
         typer.echo(f"morag: using Redis at {cfg.redis_url}")
+    if not cfg.index_explicitly_set:
+        index = EmbeddedPostgres(cfg.data_dir / "index")
+        env["MORAG_INDEX_URL"] = index.url  # the socket path: the same after a restart
+        children.append(EmbeddedIndexProcess(index))
+        typer.echo(f"morag: embedded index (PostgreSQL + pgvector) in {index.data_dir}")
+    else:
+        typer.echo("morag: using the index at MORAG_INDEX_URL")
     children += [
         ChildProcess(name, [sys.executable, "-m", "morag.cli", name], env)
         for name in ("worker", "api")
@@ -291,6 +303,9 @@ def _finish(job: dict[str, Any], as_json: bool) -> None:
         )
         typer.echo(f"{label}: {job.get('task_id')}")
         _print_job(job)
+        document_id = (job.get("result") or {}).get("document_id")
+        if document_id:
+            typer.echo(f"document: {document_id}")
     if job.get("status") != "success":
         raise typer.Exit(EXIT_JOB_FAILED)
 
@@ -446,6 +461,65 @@ def jobs(
             )
     if page.get("next_offset") is not None:
         typer.echo(f"(more: raise --limit; next offset {page['next_offset']})", err=True)
+
+
+def _location(hit: dict[str, Any]) -> str:
+    """``p. 3``, ``Intro > Setup``, ``0:12-0:31``: where in its document a hit is."""
+    loc = hit.get("location") or {}
+    parts = []
+    if loc.get("pages"):
+        pages = loc["pages"]
+        parts.append(f"p. {pages[0]}" + (f"-{pages[-1]}" if len(pages) > 1 else ""))
+    if loc.get("start_seconds") is not None:
+        start, end = float(loc["start_seconds"]), float(loc.get("end_seconds") or 0)
+        parts.append(f"{int(start // 60)}:{start % 60:04.1f}-{int(end // 60)}:{end % 60:04.1f}")
+    if loc.get("heading_path"):
+        parts.append(" > ".join(loc["heading_path"]))
+    return ", ".join(parts)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="a question or keywords")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=100, help="how many hits")] = 10,
+    mode: Annotated[str, typer.Option(help="hybrid, vector or keyword")] = "hybrid",
+    kind: Annotated[
+        list[str] | None, typer.Option(help="only this kind (repeat): document, audio, video, web")
+    ] = None,
+    as_json: JsonOutput = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Search the indexed documents: a table of hits (score, source, location, snippet)."""
+    filters = {"kind": kind} if kind else None
+    with _api_errors(), _client(api_url, api_key) as client:
+        answer = client.search(query, k=k, mode=mode, filters=filters)
+    if as_json:
+        _print_json(answer)
+        return
+    hits = answer.get("hits") or []
+    if not hits:
+        typer.echo("no hits")
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table("#", "SCORE", "SOURCE", "WHERE", "TEXT", box=box.SIMPLE_HEAD, pad_edge=False)
+    for rank, hit in enumerate(hits, 1):
+        snippet = " ".join(str(hit.get("text") or "").split())
+        table.add_row(
+            str(rank),
+            f"{float(hit.get('score') or 0):.4f}",
+            str(hit.get("source") or ""),
+            _location(hit),
+            snippet[:160] + ("…" if len(snippet) > 160 else ""),
+        )
+    console.print(table)
+    console.print(
+        f"{len(hits)} hits ({answer.get('mode')}, {answer.get('took_ms')} ms)", highlight=False
+    )
 
 
 if __name__ == "__main__":

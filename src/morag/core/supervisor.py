@@ -1,4 +1,5 @@
-"""Keeping ``morag up``'s children running: the embedded Redis, the worker and the API.
+"""Keeping ``morag up``'s children running: the embedded Redis and index, the worker and
+the API.
 
 A child that exits while ``up`` is not stopping is started again after a backoff that
 doubles with each recent restart (1 s, 2 s, 4 s ... capped). More than ``limit`` restarts
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from morag.core.embedded_postgres import EmbeddedPostgres
 from morag.core.embedded_redis import EmbeddedRedis, _die_with_parent
 from morag.core.errors import ConfigurationError
 
@@ -178,6 +180,31 @@ class EmbeddedRedisProcess:
         self.server.stop()
 
 
+class EmbeddedIndexProcess:
+    """The embedded PostgreSQL (the index), restarted on the same data dir and socket:
+    its WAL brings back every committed write, and jobs whose write it interrupted wait
+    for it and write again (tasks/indexing.py)."""
+
+    name = "index"
+
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        self.server = server
+        self.log_hint = str(server.log_path)
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def start(self) -> None:
+        self.server.start()
+
+    def poll(self) -> int | None:
+        return self.server.process.poll() if self.server.process is not None else None
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 @dataclass
 class _Supervised:
     child: Child
@@ -240,7 +267,8 @@ class Supervisor:
             return 0
         finally:
             self.stopping = True
-            for entry in reversed(self._supervised):  # the API, the worker, then Redis
+            # the API, the worker, then the index and Redis
+            for entry in reversed(self._supervised):
                 entry.child.stop()
 
     def starts(self, name: str) -> int:

@@ -268,8 +268,12 @@ def process_audio(
     limits: ProcessorLimits = ProcessorLimits(),  # noqa: B008 - frozen, safe to share
     progress: ProgressCallback = no_progress,
     progress_span: tuple[float, float] = (0.0, 1.0),
+    source_name: str | None = None,
 ) -> ProcessingResult:
-    """Transcribe an audio file (or a video's audio track) into Markdown and chunks."""
+    """Transcribe an audio file (or a video's audio track) into Markdown and chunks.
+    ``source_name`` is what the client called the input (the file is stored under a
+    name of the server's)."""
+    name = source_name or path.name
     path = Path(path)
     low, high = progress_span
 
@@ -309,12 +313,12 @@ def process_audio(
     transcribe_seconds = time.perf_counter() - wall
 
     report(_STAGE_END["transcribing"], "chunking", f"{len(segments)} segments")
-    chunks = transcript_chunks(segments, options, path.name)
+    chunks = transcript_chunks(segments, options, name)
 
     report(_STAGE_END["chunking"], "finalising", f"{len(chunks)} chunks")
     metadata: dict[str, Any] = {
-        "title": path.stem,
-        "source": path.name,
+        "title": Path(name).stem,
+        "source": name,
         "size_bytes": size,
         "duration": round(duration, 3),
         "language": info.language,
@@ -325,7 +329,7 @@ def process_audio(
         "transcribe_seconds": round(transcribe_seconds, 3),
     }
     header = (
-        f"# {path.name}\n\n"
+        f"# {name}\n\n"
         f"- Duration: {format_timestamp(duration)}\n"
         f"- Language: {info.language}\n\n"
         "## Transcript\n\n"

@@ -67,6 +67,7 @@ class ProcessingResult:
     chunks: list[Chunk] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
+    document_id: str | None = None  # set once the chunks are in the index
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +80,7 @@ class ProcessingResult:
             "chunk_count": len(self.chunks),
             "artifact_count": len(self.artifacts),
             "title": self.metadata.get("title"),
+            "document_id": self.document_id,
         }
 
 

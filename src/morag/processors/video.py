@@ -267,8 +267,11 @@ def process_video(
     options: ChunkingOptions = ChunkingOptions(),  # noqa: B008 - frozen, safe to share
     limits: ProcessorLimits = ProcessorLimits(),  # noqa: B008 - frozen, safe to share
     progress: ProgressCallback = no_progress,
+    source_name: str | None = None,
 ) -> ProcessingResult:
-    """Video to Markdown: metadata, transcript chunks with times, and keyframe images."""
+    """Video to Markdown: metadata, transcript chunks with times, and keyframe images.
+    ``source_name`` is what the client called the input."""
+    name = source_name or path.name
     path = Path(path)
     if not job_id or job_id in (".", "..") or Path(job_id).name != job_id:
         raise InvalidInputError("job_id must be a plain name", details={"job_id": job_id})
@@ -292,8 +295,8 @@ def process_video(
     artifacts = _save_keyframes(keyframes, Path(artifact_dir), job_id)
     try:
         metadata: dict[str, Any] = {
-            "title": path.stem,
-            "source": path.name,
+            "title": Path(name).stem,
+            "source": name,
             "size_bytes": size,
             **info,
             "keyframe_count": len(artifacts),
@@ -315,6 +318,7 @@ def process_video(
                 limits=limits,
                 progress=audio_progress,
                 progress_span=(_AUDIO_AT, _AUDIO_END),
+                source_name=name,
             )
             chunks = audio.chunks
             transcript = transcript_markdown(audio.metadata["segments"])
@@ -327,7 +331,7 @@ def process_video(
             metadata.update(speech_detected=False, segments=[])
 
         progress(_AUDIO_END, "finalising", f"{len(chunks)} chunks, {len(artifacts)} keyframes")
-        markdown = _markdown(path, metadata, transcript, artifacts)
+        markdown = _markdown(Path(name), metadata, transcript, artifacts)
         result = ProcessingResult(
             kind="video", markdown=markdown, chunks=chunks, metadata=metadata, artifacts=artifacts
         )

@@ -878,6 +878,11 @@ class JobStore:
         return _s(answer)
 
     # -- reads ----------------------------------------------------------------------------
+    def owner_of(self, task_id: str) -> str:
+        """The owner of a job (the anonymous owner for a record without one)."""
+        owner = self.redis.hget(self.keys.job(task_id), "owner")
+        return _s(owner) if owner else ANONYMOUS_NAME
+
     def get(self, task_id: str) -> TaskInfo | None:
         raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.job(task_id))  # type: ignore[assignment]
         return TaskInfo.from_hash(raw) if raw else None

@@ -30,4 +30,5 @@ def process_audio_task(
         options=chunking_options(options),
         limits=processor_limits(),
         progress=self.progress_callback,
+        source_name=(metadata or {}).get("filename") or url or None,
     )

@@ -80,6 +80,18 @@ def _prepare_child(**_: Any) -> None:
             )
         except Exception as exc:  # the jobs will fail with the reason; the worker stays up
             logger.error("could not load the speech model", error=str(exc))
+    if settings.preload_models and set(MODALITY_QUEUES.values()) & set(_worker["queues"]):
+        # Every modality's job embeds its chunks: load the embedding model at start too.
+        from morag.processors.embedding import load_embedder
+
+        try:
+            load_embedder(
+                settings.embedding_model_path or None,
+                settings.embedding_batch_size,
+                settings.embedding_threads,
+            )
+        except Exception as exc:  # the jobs will fail with the reason; the worker stays up
+            logger.error("could not load the embedding model", error=str(exc))
     # Everything loaded so far (modules, the model) lives as long as the process: out of
     # the collector's sight it is never scanned again, and its pages stay shared.
     gc.freeze()

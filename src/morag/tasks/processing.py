@@ -36,6 +36,7 @@ from morag.core.errors import JobCancelledError, MoragError
 from morag.core.sent_events import sent_event_batcher
 from morag.processors.base import ProcessingResult
 from morag.services.jobs import JobStore, ProgressReport, TaskStatus, get_job_store, utcnow
+from morag.tasks.indexing import INDEX_SHARE, index_result, wants_index
 
 logger = structlog.get_logger(__name__)
 
@@ -46,6 +47,8 @@ _BOOT_ID = uuid.uuid4().hex[:8]
 #: task gives up; the message then stays unacked and recovery delivers it again.
 REDIS_PATIENCE_SECONDS = 30.0
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: The kinds of job whose chunks go to the index (the probe task has none).
+INDEXED_KINDS = frozenset({"document", "audio", "video", "web"})
 _T = TypeVar("_T")
 
 
@@ -283,8 +286,15 @@ class ProcessingTask(BaseTask):
         log.info("job started", attempt=int(claim.detail), worker=worker)
         job = self._job = _ProgressWriter(store, task_id, worker, settings.progress_min_interval)
         _lease_keeper.hold(job)
+        indexing = self.kind in INDEXED_KINDS and wants_index(kwargs.get("options"))
+        # The processor reports 0..1 of its own work; embedding and indexing follow it.
+        self._progress_scale = 1.0 - INDEX_SHARE if indexing else 1.0
         try:
             value = self.run(*args, **kwargs)
+            if indexing and isinstance(value, ProcessingResult):
+                self._progress_scale = 1.0
+                owner = _patiently(store.owner_of, task_id)
+                index_result(self, value, kwargs, owner, task_id)
         except JobCancelledError:
             _patiently(
                 store.finish,
@@ -382,6 +392,7 @@ class ProcessingTask(BaseTask):
         job = getattr(self, "_job", None)
         if job is None or self.request.called_directly:
             return
+        progress *= getattr(self, "_progress_scale", 1.0)
         job.report(progress, stage, message, metadata or None)
 
     def progress_callback(self, fraction: float, stage: str, message: str = "") -> None:

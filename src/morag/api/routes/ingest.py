@@ -57,6 +57,7 @@ class FileFields(_Request):
     webhook_url: str | None = None
     chunk_size_tokens: int | None = None
     chunk_overlap_tokens: int | None = None
+    index: bool | None = None
 
 
 class BatchFormFields(FileFields):
@@ -81,6 +82,10 @@ _FILE_FIELDS_SCHEMA: dict[str, Any] = {
     },
     "chunk_size_tokens": {"type": "integer", "minimum": 16, "maximum": 8192},
     "chunk_overlap_tokens": {"type": "integer", "minimum": 0, "maximum": 4096},
+    "index": {
+        "type": "boolean",
+        "description": "embed the chunks and add them to the search index (default true)",
+    },
 }
 
 _FILE_BODY = {
@@ -175,6 +180,7 @@ def _file_options(fields: FileFields) -> dict[str, Any]:
     return {
         "chunk_size_tokens": fields.chunk_size_tokens,
         "chunk_overlap_tokens": fields.chunk_overlap_tokens,
+        "index": fields.index,
     }
 
 

@@ -113,10 +113,11 @@ class SubmissionChecks:
 
     def check_options(
         self, options: dict[str, Any] | None, field_name: str = "options"
-    ) -> dict[str, int]:
-        """Chunking options with the server's defaults filled in (what the job will use)."""
+    ) -> dict[str, Any]:
+        """Chunking and indexing options with the server's defaults filled in (what the
+        job will use)."""
         given = {k: v for k, v in (options or {}).items() if v is not None}
-        effective = {
+        effective: dict[str, Any] = {
             "chunk_size_tokens": int(
                 given.get("chunk_size_tokens", self.settings.chunk_size_tokens)
             ),
@@ -136,6 +137,7 @@ class SubmissionChecks:
                 f"chunk_size_tokens ({effective['chunk_size_tokens']})",
                 details={"field": f"{field_name}.chunk_overlap_tokens", "reason": str(exc)},
             ) from None
+        effective["index"] = bool(given.get("index", self.settings.index_by_default))
         return effective
 
     def check_webhook(self, url: str | None, field_name: str = "webhook_url") -> str | None:
