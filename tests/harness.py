@@ -98,6 +98,22 @@ def empty_index(url: str) -> None:
         conn.close()
 
 
+def sibling_index_database(url: str, suffix: str) -> str:
+    """A new, empty database beside ``url``'s on the same server (an index of another
+    embedding dimension, for instance): its URL. Drop it with ``drop_index_database``."""
+    from morag.core.index_conn import connect, parse_index_url
+
+    database = f"{parse_index_url(url).database}_{suffix}"
+    conn = connect(url)
+    try:
+        conn.run(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        conn.run(f"CREATE DATABASE {database}")
+    finally:
+        conn.close()
+    base, _, query = url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
+
+
 def drop_index_database(url: str) -> None:
     """Drop the session's database (from the server's default one)."""
     from morag.core.index_conn import connect, parse_index_url

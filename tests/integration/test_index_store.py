@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from morag.services.search.store import (
     hybrid,
     wait_for_index,
 )
-from tests.harness import wait_for
+from tests.harness import drop_index_database, empty_index, sibling_index_database, wait_for
 
 DIM = 16
 
@@ -49,8 +50,18 @@ def rows(texts: list[str]) -> list[ChunkRow]:
     return [ChunkRow(i, t, {"pages": [i + 1], "page": i + 1}) for i, t in enumerate(texts)]
 
 
+@pytest.fixture(scope="module")
+def index_url(index_url: str) -> Iterator[str]:
+    """A database of this module's own: its vectors are DIM-dimensional, the session's
+    index holds the model's."""
+    url = sibling_index_database(index_url, f"d{DIM}")
+    yield url
+    drop_index_database(url)
+
+
 @pytest.fixture
 def store(index_url: str) -> IndexStore:
+    empty_index(index_url)
     s = IndexStore(index_url, dim=DIM)
     s.ensure_schema()
     return s
