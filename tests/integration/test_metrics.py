@@ -3,16 +3,21 @@ route template; all against a real Redis and a real worker."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from morag.api.main import create_app
 from morag.core.config import Settings
+from morag.core.keys import RedisKeys
 from morag.core.redis_conn import get_redis
 from morag.services.jobs import JobStore, TaskStatus, get_job_store, utcnow
 from morag.services.webhooks import WebhookOutbox
@@ -198,3 +203,49 @@ def test_metrics_are_protected_like_the_api(isolated: None) -> None:
         assert local.get("/metrics", headers={"X-API-Key": "metrics-key-1"}).status_code == 200
     with TestClient(create_app(Settings()), base_url="http://127.0.0.1") as open_:
         assert open_.get("/metrics").status_code == 200  # local single-user mode
+
+
+def test_the_lifespan_runs_the_request_count_flushes(isolated: None) -> None:
+    """Started with the app, before any request; counts reach Redis without a scrape;
+    ended with the app, the last counts flushed."""
+    app = create_app(Settings())
+    http_metrics = app.state.http_metrics
+    counts = get_redis(Settings().redis_url)
+    key = RedisKeys(Settings().key_prefix).http_metrics
+
+    def health_reads() -> int:
+        return int(counts.hget(key, "c|GET|/health|200") or 0)
+
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert http_metrics.flushing
+        assert client.get("/health").status_code == 200
+        wait_for(lambda: health_reads() == 1, 5, "the flush loop to add the request")
+        assert client.get("/health").status_code == 200
+    assert not http_metrics.flushing
+    assert health_reads() == 2  # flushed once more on the way out
+
+
+def test_an_app_served_without_its_lifespan_leaves_no_task_pending(
+    isolated: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that only serves requests (no lifespan, as a bare ASGI client) is closed
+    with nothing of the metrics left on it; a scrape still flushes the counts."""
+    app = create_app(Settings())
+    loop = asyncio.new_event_loop()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
+    try:
+        assert loop.run_until_complete(client.get("/health")).status_code == 200
+        text = loop.run_until_complete(client.get("/metrics")).text
+        health = value(
+            text, "morag_http_requests_total", method="GET", route="/health", status="200"
+        )
+        assert health == 1
+        assert not app.state.http_metrics.flushing
+        loop.run_until_complete(client.aclose())
+        loop.run_until_complete(app.state.ingestion.aclose())
+    finally:
+        loop.close()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del app, client, loop
+        gc.collect()
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]

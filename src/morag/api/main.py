@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 from morag.api.edge import Authentication, HostAllowList, OriginCheck, check_bind  # noqa: E402
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
-from morag.api.metrics import install_metrics  # noqa: E402
+from morag.api.metrics import install_metrics, metrics_flushing  # noqa: E402
 from morag.api.routes import batches, health, ingest, search, status, ui  # noqa: E402
 from morag.core.celery_app import celery_app, create_celery_app  # noqa: E402
 from morag.core.config import Settings, settings  # noqa: E402
@@ -198,8 +198,8 @@ class RequestLogMiddleware:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    await app.state.http_metrics.aclose()
+    async with metrics_flushing(app):
+        yield
     await app.state.ingestion.aclose()
     app.state.search.close()
 

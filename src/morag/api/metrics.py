@@ -4,7 +4,8 @@ The job, queue, worker, webhook and recovery figures are computed from Redis at 
 scrape (services/metrics.py says why), so any API process answers for the deployment.
 HTTP requests are counted in this process's memory (a few dictionary updates per request:
 a Redis call per request would cost the fast paths a round trip) and added to the shared
-``<prefix>:metrics:http`` hash every second and before each scrape: every process's
+``<prefix>:metrics:http`` hash every second (a loop the app's lifespan starts and stops)
+and before each scrape: every process's
 requests are in every answer, late by at most a second; a process killed outright loses
 its last second of counts. Requests are labelled by route template
 (``/api/v1/status/{task_id}``), never by path, so the series stay bounded.
@@ -18,6 +19,7 @@ import contextlib
 import hmac
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import structlog
@@ -60,6 +62,11 @@ class HttpMetrics:
         self._task: asyncio.Task[None] | None = None
         self._client: AsyncRedis | None = None
 
+    @property
+    def flushing(self) -> bool:
+        """Whether the flush loop runs (between the lifespan's start and end)."""
+        return self._task is not None and not self._task.done()
+
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in _METHODS:
             method = "other"
@@ -97,7 +104,7 @@ class HttpMetrics:
         await pipe.execute()
 
     def start(self, client: AsyncRedis) -> None:
-        """Flush every ``FLUSH_INTERVAL`` from the serving loop (started by the first request)."""
+        """Flush every ``FLUSH_INTERVAL`` on the serving loop, until ``aclose``."""
         if self._task is None:
             self._client = client
             self._task = asyncio.get_running_loop().create_task(self._flush_loop(client))
@@ -152,12 +159,11 @@ class HttpMetricsMiddleware:
                 status_code,
                 time.perf_counter() - started,
             )
-            if self.metrics._task is None:
-                self.metrics.start(scope["app"].state.ingestion.reads.aio)
 
 
 def install_metrics(app: FastAPI, cfg: Settings) -> None:
-    """``GET /metrics`` and the request counting middleware (add it outside the others)."""
+    """``GET /metrics`` and the request counting middleware (add it outside the others).
+    The app's lifespan enters ``metrics_flushing`` so the counts reach Redis every second."""
     app.state.http_metrics = HttpMetrics(RedisKeys(cfg.key_prefix))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
@@ -166,6 +172,22 @@ def install_metrics(app: FastAPI, cfg: Settings) -> None:
     app.state.metrics_registry = registry
     app.include_router(router)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)
+
+
+@contextlib.asynccontextmanager
+async def metrics_flushing(app: FastAPI) -> AsyncIterator[None]:
+    """While the app serves: flush its request counts every second, and once more at the end.
+
+    Started by the lifespan, not by a request: a loop that only serves requests (a test
+    client that never runs the lifespan) must not be left with a pending task; there the
+    counts are flushed by each scrape of ``/metrics``.
+    """
+    http: HttpMetrics = app.state.http_metrics
+    http.start(app.state.ingestion.reads.aio)
+    try:
+        yield
+    finally:
+        await http.aclose()
 
 
 def check_metrics_access(cfg: Settings, principal: Principal | None, presented: str | None) -> None:
