@@ -38,6 +38,10 @@ CONFIG: dict[str, Any] = {
     "pdf_pages": 30,
     "cancel_samples": 4,  # row 6, per repetition and kind
     "recovery_timeout": 120,  # row 7, seconds before a repetition fails
+    "metrics_jobs": 100_000,  # row 10, job records in the scraped namespace
+    "metrics_scrapes": 300,  # row 10, sequential scrapes per repetition
+    "dashboard_jobs": 10_000,  # row 11, job records behind the dashboard
+    "dashboard_samples": 15,  # row 11, fresh browser tabs per repetition
 }
 QUICK: dict[str, Any] = {
     "api_reps": 3,
@@ -53,6 +57,10 @@ QUICK: dict[str, Any] = {
     "pdf_count": 4,
     "pdf_pages": 10,
     "cancel_samples": 3,
+    "metrics_jobs": 10_000,
+    "metrics_scrapes": 100,
+    "dashboard_jobs": 2_000,
+    "dashboard_samples": 5,
 }
 
 
@@ -110,11 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {**CONFIG, **(QUICK if args.quick else {})}
     raise_on_signals()
 
-    from bench import api_rows, control_rows, document_rows, queue_rows, resource_rows
+    from bench import (
+        api_rows,
+        control_rows,
+        dashboard_rows,
+        document_rows,
+        metrics_scrape,
+        queue_rows,
+        resource_rows,
+    )
 
     groups: list[tuple[str, Callable[[Bench, dict[str, Any]], list[Row]]]] = [
         ("throughput", queue_rows.run_throughput),  # row 1
-        ("latency", queue_rows.run_latency),  # row 4 (uses row 1's workers)
+        ("latency", queue_rows.run_latency),  # row 4 (uses row 1's workers, stops them)
+        ("scraped", queue_rows.run_scraped_throughput),  # row 1 with /metrics scraped
         ("submissions", api_rows.run_submissions),  # row 2
         ("status", api_rows.run_status_reads),  # row 3
         ("sse", api_rows.run_sse),  # issue 4's SSE fan-out
@@ -123,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         ("recovery", control_rows.run_recovery),  # row 7
         ("memory", resource_rows.run_memory),  # row 8 (the API after rows 2, 3, 5, 6)
         ("transcription", resource_rows.run_transcription),  # row 9
+        ("metrics", metrics_scrape.run_metrics),  # row 10, GET /metrics
+        ("dashboard", dashboard_rows.run_dashboard),  # row 11, /ui in Chromium
     ]
     only = {g for g in args.only.split(",") if g}
     started = time.monotonic()

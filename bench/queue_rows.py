@@ -25,6 +25,7 @@ with each drain, to explain the ratio.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from datetime import datetime
@@ -422,3 +423,66 @@ def run_latency(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
             details={"round_trip_p99_ms": summary(rt_p99, 2)},
         ),
     ]
+
+
+def run_scraped_throughput(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
+    """Row 1 (morag's side) with and without a scraper hitting ``/metrics`` every second.
+
+    One morag worker as in row 1 and one ``morag api`` on the same namespace, running in
+    both halves (idle in one, scraped in the other); the repetitions alternate which half
+    goes first. Met when the median with the scraper lies within the spread (min–max) of
+    the repetitions without it.
+    """
+    from bench.metrics_scrape import Scraper
+
+    n, reps, conc = cfg["noop_jobs"], cfg["throughput_reps"], cfg["worker_concurrency"]
+    redis_pid = bench.redis_server.process.pid
+    worker = bench.start_morag_worker(conc, queues="celery")
+    api, base = bench.start_api()
+    side = MoragSide(bench, worker, steps=1)
+    drain_once(side, 200, redis_pid)  # warm-up, as row 1
+    rates: dict[str, dict[str, list[float]]] = {
+        half: {"drain": [], "e2e": []} for half in ("quiet", "scraped")
+    }
+    scrapes: list[float] = []
+    failures = 0
+    for rep in range(reps):
+        for half in ("quiet", "scraped") if rep % 2 == 0 else ("scraped", "quiet"):
+            scraper = Scraper(base, interval=1.0) if half == "scraped" else None
+            with scraper or contextlib.nullcontext():
+                rates[half]["drain"].append(drain_once(side, n, redis_pid)[0])
+                rates[half]["e2e"].append(end_to_end_once(side, n, redis_pid)[0])
+            if scraper:
+                scrapes += scraper.times
+                failures += scraper.failures
+    side.flush()
+    bench.stop(worker)
+    bench.stop(api)
+    rows = []
+    for mode, key, label in (("drain", "1a+s", "drained"), ("e2e", "1b+s", "one producer")):
+        quiet, scraped = rates["quiet"][mode], rates["scraped"][mode]
+        value = summary(scraped, 1)
+        rows.append(
+            Row(
+                key=key,
+                figure=f"no-op jobs/s {label}, 2 worker processes, /metrics scraped every 1 s",
+                unit="jobs/s",
+                value=value,
+                baseline_name="the same, not scraped",
+                baseline=summary(quiet, 1),
+                ratio=paired_ratios(scraped, quiet),
+                target="within the spread not scraped",
+                met=failures == 0 and min(quiet) <= value["median"] <= max(quiet),
+                notes=(
+                    f"morag's side of row 1 ({n} probe(steps=1) jobs per repetition, {reps} "
+                    "repetitions, the halves' order alternating), with one morag api on the "
+                    "same namespace in both halves, scraped every second in one: "
+                    f"{len(scrapes)} scrapes, p50 {percentile(scrapes, 50):.1f} ms, p99 "
+                    f"{percentile(scrapes, 99):.1f} ms while the jobs ran; failed "
+                    f"scrapes: {failures}."
+                    if mode == "drain" and scrapes
+                    else ""
+                ),
+            )
+        )
+    return rows
