@@ -430,8 +430,8 @@ def run_scraped_throughput(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
 
     One morag worker as in row 1 and one ``morag api`` on the same namespace, running in
     both halves (idle in one, scraped in the other); the repetitions alternate which half
-    goes first. Met when the median with the scraper lies within the spread (min–max) of
-    the repetitions without it.
+    goes first. Met when the median with the scraper is not below the spread (the slowest)
+    of the repetitions without it: scraping must not slow the jobs.
     """
     from bench.metrics_scrape import Scraper
 
@@ -471,8 +471,8 @@ def run_scraped_throughput(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
                 baseline_name="the same, not scraped",
                 baseline=summary(quiet, 1),
                 ratio=paired_ratios(scraped, quiet),
-                target="within the spread not scraped",
-                met=failures == 0 and min(quiet) <= value["median"] <= max(quiet),
+                target="not below the spread not scraped",
+                met=failures == 0 and value["median"] >= min(quiet),
                 notes=(
                     f"morag's side of row 1 ({n} probe(steps=1) jobs per repetition, {reps} "
                     "repetitions, the halves' order alternating), with one morag api on the "
