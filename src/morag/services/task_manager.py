@@ -132,10 +132,15 @@ class TaskManager:
             cached = self._inspect_cache.get(method)
             if cached and now - cached[0] < self.settings.inspect_cache_seconds:
                 return cached[1]
-        if not self.registry.live_workers():
+        names = [worker.hostname for worker in self.registry.live_workers()]
+        if not names:
             reply: dict[str, Any] = {}  # nobody would answer; do not wait for the timeout
         else:
-            inspector = self.celery_app.control.inspect(timeout=self.settings.inspect_timeout)
+            # Addressed to the live workers and done once each has answered: without a
+            # destination and limit, every call waits out the whole timeout.
+            inspector = self.celery_app.control.inspect(
+                destination=names, limit=len(names), timeout=self.settings.inspect_timeout
+            )
             reply = getattr(inspector, method)() or {}
         with self._inspect_lock:
             self._inspect_cache[method] = (time.monotonic(), reply)
