@@ -154,6 +154,33 @@ def rss_delta(texts: list[str], model_path: str | None = None) -> dict[str, floa
     return {k: round(v, 1) for k, v in figures.items()}
 
 
+def worker_rss(concurrency: int = 2) -> dict[str, Any]:
+    """RSS of a real ``morag worker``'s pool processes (document queue) with the models
+    preloaded and without (``MORAG_PRELOAD_MODELS=false``): the model's cost per process."""
+    import psutil
+
+    from bench.infra import Bench, wait_for
+
+    figures: dict[str, Any] = {}
+    bench = Bench()
+    try:
+        bench.start_redis()
+        for preload in ("true", "false"):
+            worker = bench.start_morag_worker(
+                concurrency, queues="document_processing", preload_models=preload
+            )
+            bench.wait_ready_line(worker)
+            wait_for(lambda w=worker: len(w.children()) >= concurrency, 30, "the pool")
+            rss = [psutil.Process(pid).memory_info().rss / 2**20 for pid in worker.children()]
+            figures[f"preload_{preload}_mb"] = [round(r, 1) for r in rss]
+            bench.stop(worker)
+    finally:
+        bench.close()
+    on, off = figures["preload_true_mb"], figures["preload_false_mb"]
+    figures["delta_per_process_mb"] = round(sum(on) / len(on) - sum(off) / len(off), 1)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=64)
@@ -167,6 +194,11 @@ def main() -> None:
         help="also time N spawned processes with --threads each (a worker's pool)",
     )
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="also measure a real worker's pool processes with and without it",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -182,6 +214,8 @@ def main() -> None:
             2,
         )
     result["rss"] = rss_delta(texts, args.model_path)
+    if args.worker:
+        result["worker_rss"] = worker_rss()
     if args.json:
         print(json.dumps(result, indent=2))
         return
