@@ -4,7 +4,7 @@ The set (bench/data/python-docs-eval.json, made by bench/make_eval_set.py) lists
 pages of Debian's python3.11-doc and queries (index phrases), each with the places the
 index points to: a page and the innermost section holding the anchor.
 
-    python -m bench.retrieval_eval                     # own Redis, worker and API (bench.infra)
+    python -m bench.retrieval_eval                     # starts its own `morag up` (temp data dir)
     python -m bench.retrieval_eval --url http://127.0.0.1:8000 [--api-key KEY]   # a running morag
     python -m bench.retrieval_eval --in-process        # vector only, no service: the raw model
 
@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -153,33 +156,76 @@ def api_search(base_url: str, api_key: str | None, mode: str) -> Callable[[str],
     return search
 
 
+def start_morag(tmp: Path, concurrency: int) -> tuple[Any, str]:
+    """``morag up`` (embedded Redis and index, a worker, the API) on a free loopback port,
+    its data in ``tmp``; returns the process and the API's base URL once it is ready."""
+    import httpx
+
+    from bench.infra import Service, free_port, wait_for
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    argv = [
+        sys.executable,
+        "-m",
+        "morag.cli",
+        "up",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp / "data"),
+        "--concurrency",
+        str(concurrency),
+    ]
+    (tmp / "logs").mkdir(parents=True, exist_ok=True)
+    service = Service("morag-up", argv, env, tmp / "logs")
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not service.alive():
+            return True
+        try:
+            return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 300, "morag up to be ready", interval=0.5)
+    if not service.alive():
+        raise RuntimeError(f"morag up exited:\n{service.log()[-3000:]}")
+    return service, base
+
+
 def run_api(
-    data: dict[str, Any], docs: Path, url: str | None, api_key: str | None, modes: list[str]
+    data: dict[str, Any],
+    docs: Path,
+    url: str | None,
+    api_key: str | None,
+    modes: list[str],
+    concurrency: int = 2,
 ) -> dict[str, Any]:
     from morag.client import MoragClient
 
-    bench = None
+    service = None
+    tmp = Path(tempfile.mkdtemp(prefix="morag-retrieval-"))
     try:
         if url is None:
-            from bench.infra import Bench
-
-            bench = Bench()
-            bench.start_redis()
-            # Inputs are uploaded, so no allowed root is needed for them.
-            bench.start_morag_worker(concurrency=2)
-            _, url = bench.start_api()
+            service, url = start_morag(tmp, concurrency)
         files = [docs / page["path"] for page in data["pages"]]
         with MoragClient(url, api_key=api_key, timeout=60) as client:
-            ingestion = ingest(client, files, timeout=1800)
+            ingestion = ingest(client, files, timeout=3600)
         print(f"ingested {ingestion['documents']} pages in {ingestion['seconds']} s", flush=True)
-        results = {"ingestion": ingestion, "modes": {}}
+        results: dict[str, Any] = {"ingestion": ingestion, "modes": {}}
         for mode in modes:
             results["modes"][mode] = evaluate(data["queries"], api_search(url, api_key, mode))
             print(f"{mode}: {_line(results['modes'][mode])}", flush=True)
         return results
     finally:
-        if bench is not None:
-            bench.close()
+        if service is not None:
+            service.stop(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- in-process: the raw model, brute force ----------------------------------------------------
