@@ -163,15 +163,21 @@ class TaskInfo:
 
 # Shared Lua: append an event to the history, trim it, publish it.
 _EMIT = """
-local function emit(history_key, channel, ts, state, progress, stage, message, attempt, extra)
-  local event = {ts=ts, state=state, progress=tonumber(progress), stage=stage,
-                 message=message, attempt=tonumber(attempt)}
-  if extra then for k, v in pairs(extra) do event[k] = v end end
-  local payload = cjson.encode(event)
-  if redis.call('RPUSH', history_key, payload) > HISTORY_MAX then
+local function event(ts, state, progress, stage, message, attempt, extra)
+  local e = {ts=ts, state=state, progress=tonumber(progress), stage=stage,
+             message=message, attempt=tonumber(attempt)}
+  if extra then for k, v in pairs(extra) do e[k] = v end end
+  return cjson.encode(e)
+end
+-- Events (encoded) appended to the history in one RPUSH, then published one by one.
+local function push(history_key, channel, ...)
+  if redis.call('RPUSH', history_key, ...) > HISTORY_MAX then
     redis.call('LTRIM', history_key, -HISTORY_MAX, -1)
   end
-  redis.call('PUBLISH', channel, payload)
+  for i = 1, select('#', ...) do redis.call('PUBLISH', channel, (select(i, ...))) end
+end
+local function emit(history_key, channel, ts, state, progress, stage, message, attempt, extra)
+  push(history_key, channel, event(ts, state, progress, stage, message, attempt, extra))
 end
 -- A progress report's metadata (JSON, '' for none): kept in the record as the latest, and
 -- in the report's event.
@@ -185,7 +191,7 @@ local function is_final(state)
 end
 -- Metrics (services/metrics.py reads them at scrape time): counters and histograms live in
 -- one hash, counted by the same atomic write that makes the transition, so every process's
--- work is counted exactly once. Fields: c|<name>, h|<name>|<upper bound>, s|<name> (sum).
+-- work is counted exactly once. Fields: c|<name>, h|<name>|<upper bound>, u|<name> (sum, µs).
 local BOUNDS = {BUCKETS}
 local function observe(metrics_key, name, seconds)
   seconds = math.max(tonumber(seconds) or 0, 0)  -- two hosts' clocks may disagree a little
@@ -194,7 +200,8 @@ local function observe(metrics_key, name, seconds)
     if seconds <= bound then le = bound; break end
   end
   redis.call('HINCRBY', metrics_key, 'h|' .. name .. '|' .. le, 1)
-  redis.call('HINCRBYFLOAT', metrics_key, 's|' .. name, seconds)
+  -- the sum in whole microseconds: HINCRBY costs Redis half what HINCRBYFLOAT does
+  redis.call('HINCRBY', metrics_key, 'u|' .. name, math.floor(seconds * 1000000 + 0.5))
 end
 -- The time spent in the stage the record is in, up to now (a running job's).
 local function stage_done(metrics_key, kind, stage, since, now)
@@ -218,11 +225,14 @@ end
 -- right after it loses nothing: the record and its history expire with the retention, the
 -- webhook is queued (services/webhooks.py), the job's files become due for deletion.
 -- The job is counted as finished, and its run time (first start to end) observed.
+-- ``known``: the record's id, webhook_url, owned_files, kind, started_ts when the caller
+-- read them already (nil: read here).
+local ENDED_FIELDS = {'id', 'webhook_url', 'owned_files', 'kind', 'started_ts'}
 local function ended(job_key, history_key, retention, outbox_key, inputs_key, artifacts_key,
-                     state, ts, metrics_key, now)
+                     state, ts, metrics_key, now, known)
   redis.call('EXPIRE', job_key, retention)
   redis.call('EXPIRE', history_key, retention)
-  local h = redis.call('HMGET', job_key, 'id', 'webhook_url', 'owned_files', 'kind', 'started_ts')
+  local h = known or redis.call('HMGET', job_key, unpack(ENDED_FIELDS))
   if h[2] and h[2] ~= '' then
     redis.call('RPUSH', outbox_key, cjson.encode({task_id=h[1], state=state, ts=ts}))
   end
@@ -263,7 +273,8 @@ local fields = {}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
            'progress', '0', 'stage', 'queued', 'message', 'waiting for a worker',
-           'attempts', '0', 'created_at', ARGV[2], 'updated_at', ARGV[2], unpack(fields))
+           'attempts', '0', 'created_at', ARGV[2], 'created_ts', ARGV[3], 'updated_at', ARGV[2],
+           unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[7])
@@ -275,18 +286,20 @@ return 1
 
 # KEYS: job, history, lease, channel, outbox, inputs due, artifacts due, metrics, index |
 #       ARGV: ts, worker, lease_ms, max_attempts, id, kind, queue, retention_s, now (epoch s)
-# The first start observes the job's queue wait (its creation time is its index score).
+# The first start observes the job's queue wait (since its creation: ``created_ts``, or its
+# index score for a record written without it).
 # Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
 _START = (
     _EMIT
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts', 'cancel_requested_at',
+                    'started_at', 'kind', 'started_ts', 'created_ts')
+if not h[1] then
   -- a message published without a record (a raw Celery client): adopt it
   redis.call('HSET', KEYS[1], 'id', ARGV[5], 'kind', ARGV[6], 'queue', ARGV[7],
              'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[1])
+  h = {'pending', '0', '0', false, false, ARGV[6], false, false}
 end
-local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts', 'cancel_requested_at',
-                    'started_at', 'kind', 'started_ts')
 local state, progress, attempts = h[1], h[2] or '0', tonumber(h[3] or '0')
 if is_final(state) then return {'final', state} end
 if h[4] then
@@ -298,9 +311,12 @@ if h[4] then
         ARGV[9])
   return {'cancelled', 'revoked'}
 end
-local holder = redis.call('GET', KEYS[3])
-if holder then return {'busy', holder} end
+-- the lease, taken if nobody holds it (one call on the usual path)
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  return {'busy', redis.call('GET', KEYS[3]) or ''}
+end
 if attempts >= tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[3])
   local msg = 'gave up after ' .. attempts .. ' attempts: the job never finished ' ..
               '(its worker process died or was killed each time)'
   redis.call('HSET', KEYS[1], 'state', 'failure', 'stage', 'failure', 'finished_at', ARGV[1],
@@ -322,12 +338,11 @@ redis.call('HSET', KEYS[1], 'state', 'started', 'stage', 'started', 'message', m
            'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1],
            'started_at', h[5] or ARGV[1], 'started_ts', h[7] or ARGV[9], 'stage_ts', ARGV[9])
 if not h[5] then
-  local created = redis.call('ZSCORE', KEYS[9], ARGV[5])
+  local created = h[8] or redis.call('ZSCORE', KEYS[9], ARGV[5])
   if created then
     observe(KEYS[8], 'wait|' .. (h[6] or ARGV[6]), tonumber(ARGV[9]) - tonumber(created))
   end
 end
-redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 emit(KEYS[2], KEYS[4], ARGV[1], 'started', progress, 'started', message, attempts,
      {worker=ARGV[2]})
 return {'ok', tostring(attempts)}
@@ -368,7 +383,8 @@ _FINISH = (
     _EMIT
     + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts',
-                     'stage', 'stage_ts', 'kind')
+                     'stage', 'stage_ts', 'kind', 'worker', 'id', 'webhook_url', 'owned_files',
+                     'started_ts')
 local current = h[1]
 if not current then return {'missing', ''} end
 if is_final(current) then return {'final', current} end
@@ -377,25 +393,30 @@ if state == 'success' and h[2] then
   -- cancelled while finishing: the user asked for no result, so none is kept
   state, message = 'revoked', 'cancelled while running'
 end
-local progress = h[3] or '0'
-local running = current == 'started' or current == 'progress'
-if ARGV[11] and running then
-  -- the report the job made just before finishing, in its place in the history
-  progress = math.max(tonumber(progress), tonumber(ARGV[12]))
-  emit(KEYS[2], KEYS[4], ARGV[11], 'progress', progress, ARGV[13], ARGV[14], h[4],
-       report_metadata(KEYS[1], ARGV[15]))
-  if h[5] ~= ARGV[13] then
-    stage_done(KEYS[9], h[7], h[5], h[6], ARGV[16])
-    h[5], h[6] = ARGV[13], ARGV[16]
-  end
-end
-if running then stage_done(KEYS[9], h[7], h[5], h[6], ARGV[10]) end
 local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
                 'updated_at', ARGV[1]}
 local function add(name, value)
   fields[#fields + 1] = name
   fields[#fields + 1] = value
 end
+local events = {}
+local progress = h[3] or '0'
+local running = current == 'started' or current == 'progress'
+if ARGV[11] and running then
+  -- the report the job made just before finishing, in its place in the history
+  progress = math.max(tonumber(progress), tonumber(ARGV[12]))
+  local extra = nil
+  if ARGV[15] ~= '' then
+    add('progress_metadata', ARGV[15])
+    extra = {metadata=cjson.decode(ARGV[15])}
+  end
+  events[1] = event(ARGV[11], 'progress', progress, ARGV[13], ARGV[14], h[4], extra)
+  if h[5] ~= ARGV[13] then
+    stage_done(KEYS[9], h[7], h[5], h[6], ARGV[16])
+    h[5], h[6] = ARGV[13], ARGV[16]
+  end
+end
+if running then stage_done(KEYS[9], h[7], h[5], h[6], ARGV[10]) end
 if state == 'success' then
   progress = '1'
   add('result_summary', ARGV[6])
@@ -406,9 +427,13 @@ elseif state == 'failure' then
 end
 add('progress', progress)
 redis.call('HSET', KEYS[1], unpack(fields))
-if redis.call('GET', KEYS[3]) == ARGV[9] then redis.call('DEL', KEYS[3]) end
-emit(KEYS[2], KEYS[4], ARGV[1], state, progress, state, message, h[4], nil)
-ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1], KEYS[9], ARGV[10])
+-- the lease is this process's while the record names it as the runner (a later claim by
+-- another process renames the runner; only this process takes its own lease back)
+if ARGV[9] ~= '' and h[8] == ARGV[9] then redis.call('DEL', KEYS[3]) end
+events[#events + 1] = event(ARGV[1], state, progress, state, message, h[4], nil)
+push(KEYS[2], KEYS[4], unpack(events))
+ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1], KEYS[9], ARGV[10],
+      {h[9], h[10], h[11], h[7], h[12]})
 return {'ok', state}
 """
 )

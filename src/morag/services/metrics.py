@@ -12,7 +12,8 @@ A scrape costs three round trips whatever the number of job records: the counter
 queues, the broker's unacked messages, the webhook backlog and the worker index in one
 pipeline; the live workers' entries; the state of each in-flight job (at most the workers'
 prefetch). Histograms are stored as per-bucket counts (``h|<name>|<bound>``) and a sum
-(``s|<name>``); they are made cumulative here.
+in whole microseconds (``u|<name>``; ``s|<name>`` in seconds, as first written, is read
+too); they are made cumulative here.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def bound_label(bound: float) -> str:
 
 
 class Histograms:
-    """Histograms read from ``h|<name>|<bound>`` and ``s|<name>`` fields."""
+    """Histograms read from ``h|<name>|<bound>`` and ``u|<name>`` (µs) or ``s|<name>`` fields."""
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = [*bounds, math.inf]
@@ -105,7 +106,9 @@ def parse_job_metrics(raw: dict[bytes, bytes]) -> dict[str, Any]:
             counters[tuple(parts[1:])] += number
         elif parts[0] == "h" and len(parts) >= 4:
             hist.add_bucket(tuple(parts[1:-1]), parts[-1], number)
-        elif parts[0] == "s" and len(parts) >= 3:
+        elif parts[0] == "u" and len(parts) >= 3:
+            hist.sums[tuple(parts[1:])] += number / 1e6
+        elif parts[0] == "s" and len(parts) >= 3:  # seconds, as the hash was first written
             hist.sums[tuple(parts[1:])] += number
     return {"counters": counters, "histograms": hist}
 
