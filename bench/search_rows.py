@@ -312,12 +312,19 @@ def run_search(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
         "api hybrid": "hybrid search through POST /api/v1/search (query embedded by the model)",
         "vector tuned": f"vector search (store, HNSW) at ef_search={tuned}, where recall ≥ 0.95",
     }
-    for n, name in enumerate(sides, 1):
+    keys = {
+        "vector": ("s1a", "s1b"),
+        "keyword": ("s2a", "s2b"),
+        "hybrid": ("s3a", "s3b"),
+        "api hybrid": ("s4a", "s4b"),
+        "vector tuned": ("s1c", "s1d"),
+    }
+    for name in sides:
         for stat in ("p50", "p99"):
             ours, base = lat[name]["morag"][stat], lat[name]["base"][stat]
             rows.append(
                 Row(
-                    key=f"s{n}{'a' if stat == 'p50' else 'b'}",
+                    key=keys[name][0 if stat == "p50" else 1],
                     figure=f"{labels[name]}, {stat}, {n_chunks:,} chunks, k={K}",
                     unit="ms",
                     value=summary(ours, 2),
