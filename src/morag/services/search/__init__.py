@@ -28,7 +28,7 @@ __all__ = ["Hit", "SearchFilters", "SearchService", "DocumentRecord"]
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
 #: Candidates each ranking contributes to a hybrid search (at least k).
-HYBRID_CANDIDATES = 50
+HYBRID_CANDIDATES = 100
 
 
 @dataclass
