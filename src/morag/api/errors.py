@@ -29,6 +29,7 @@ _HTTP_CODES = {
     415: "unsupported_format",
     422: "invalid_input",
     429: "too_many_requests",
+    431: "headers_too_large",
     503: "unavailable",
 }
 

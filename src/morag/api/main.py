@@ -3,7 +3,8 @@
 Middleware, outermost first: one structured log line per request; the Host allow-list;
 CORS (when ``cors_origins`` is set); the Origin check and the key check (api/edge.py); the
 request-body size limit (413 in the one error shape); the fast paths of plain status reads
-and URL submissions (api/fast_paths.py).
+and URL submissions (api/fast_paths.py). Before all of them, the server bounds request
+heads and connections (api/server.py).
 """
 
 from __future__ import annotations
@@ -261,7 +262,11 @@ app = create_app(settings, celery=celery_app)
 
 
 def serve(host: str | None = None, port: int | None = None) -> None:
+    """Serve ``app`` (every way of starting the API comes here: ``morag api``, ``morag
+    up``, the Docker image, this module as a script) with the limits of api/server.py."""
     import uvicorn
+
+    from morag.api import server
 
     configure_logging(settings.log_level, settings.log_json)
     bind = host or settings.api_host
@@ -278,13 +283,13 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["filters"] = {"escape_control": {"()": EscapeControlCharacters}}
     log_config["handlers"]["default"]["filters"] = ["escape_control"]
-    uvicorn.run(
+    server.run(
         served,
+        settings,
         host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
         log_config=log_config,
-        access_log=False,  # RequestLogMiddleware logs each request, with its task id
     )
 
 
