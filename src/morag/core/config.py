@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     max_header_block_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024  # the whole head
     header_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_connections: Annotated[int, Field(ge=16)] = 4096
+    # Event streams (SSE) one API process holds at once: per owner (429 beyond it) and in
+    # all (503); each is closed after sse_max_seconds (the client reconnects with
+    # Last-Event-ID and misses nothing).
+    sse_max_streams_per_owner: Annotated[int, Field(ge=1)] = 100
+    sse_max_streams: Annotated[int, Field(ge=1)] = 2000
+    sse_max_seconds: Annotated[float, Field(gt=0)] = 300.0
 
     # --- Logging ------------------------------------------------------------------------
     log_level: str = "INFO"
