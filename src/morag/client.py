@@ -299,9 +299,11 @@ class MoragClient:
     ) -> JobStatus:
         """Follow the job until it is final; returns its final status.
 
-        Events go to ``on_event`` as they come. A dropped stream is re-opened (the status
-        is read first, so a job that ended meanwhile is not waited for). ``timeout``
-        (seconds, None: no limit) raises ``MoragApiError`` with code ``timeout``.
+        Events go to ``on_event`` as they come. A dropped stream (or one the server
+        closed at its time limit, or refused for now: 429, 503) is re-opened from the last
+        event seen, the status read first, so a job that ended meanwhile is not waited
+        for. ``timeout`` (seconds, None: no limit) raises ``MoragApiError`` with code
+        ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self.status(task_id)
@@ -327,7 +329,9 @@ class MoragClient:
                         ended = True
                         break
             except MoragApiError as exc:
-                if exc.status == 404 or exc.code not in ("unreachable", "bad_stream"):
+                # 429/503: the server holds as many streams as it takes for now
+                retried = exc.code in ("unreachable", "bad_stream") or exc.status in (429, 503)
+                if exc.status == 404 or not retried:
                     raise
             if not ended:  # the stream dropped: look again, a little later each time
                 time.sleep(pause)

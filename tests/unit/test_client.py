@@ -54,3 +54,27 @@ def test_an_unreachable_api_is_named() -> None:
         api.status("x")
     assert caught.value.code == "unreachable" and caught.value.status == 0
     assert "cannot reach the morag API at http://api.test" in caught.value.message
+
+
+def test_waiting_comes_back_after_a_stream_refused_for_now() -> None:
+    """A server that holds as many streams as it takes answers 429 or 503: ``wait``
+    tries again a little later instead of failing."""
+    answers = {"status": ["started"] * 3 + ["success"], "events": [429, 503, 200]}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            code = answers["events"].pop(0)
+            if code != 200:
+                error = {"code": "too_many_requests", "message": "busy", "details": {}}
+                return httpx.Response(code, json={"error": error}, headers={"Retry-After": "1"})
+            return httpx.Response(
+                200,
+                text='event: success\r\nid: t\r\ndata: {"state": "success"}\r\n\r\n',
+                headers={"Content-Type": "text/event-stream"},
+            )
+        return httpx.Response(200, json={"task_id": "x", "status": answers["status"].pop(0)})
+
+    api = MoragClient("http://api.test", transport=httpx.MockTransport(answer))
+    seen: list[dict] = []
+    assert api.wait("x", on_event=seen.append)["status"] == "success"
+    assert [e["state"] for e in seen] == ["success"] and not answers["events"]

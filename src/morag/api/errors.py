@@ -29,6 +29,7 @@ _HTTP_CODES = {
     415: "unsupported_format",
     422: "invalid_input",
     429: "too_many_requests",
+    431: "headers_too_large",
     503: "unavailable",
 }
 
@@ -40,7 +41,9 @@ _DESCRIPTIONS = {
     413: "a size or count limit was exceeded",
     415: "unsupported file type or request content type",
     422: "invalid request: details name the field",
+    429: "too many at once for this client (Retry-After says when to try again)",
     500: "internal error (no traceback is sent)",
+    503: "unavailable for now (Retry-After says when to try again)",
 }
 
 
@@ -103,8 +106,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _morag_error(request: Request, exc: MoragError) -> JSONResponse:
         if exc.http_status >= 500:
             logger.error("request failed", path=request.url.path, error=exc.message)
-        headers = {"WWW-Authenticate": 'Bearer realm="morag"'} if exc.http_status == 401 else None
-        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
+        headers = {"WWW-Authenticate": 'Bearer realm="morag"'} if exc.http_status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

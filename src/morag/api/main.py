@@ -1,9 +1,11 @@
 """The FastAPI app. ``python src/morag/api/main.py`` serves it on port 8000.
 
 Middleware, outermost first: one structured log line per request; the Host allow-list;
-CORS (when ``cors_origins`` is set); the Origin check and the key check (api/edge.py); the
-request-body size limit (413 in the one error shape); the fast paths of plain status reads
-and URL submissions (api/fast_paths.py).
+CORS (when ``cors_origins`` is set); the Origin check and the key check (api/edge.py);
+event streams opened a few at a time (api/event_stream.py); the request-body size limit
+(413 in the one error shape); the fast paths of plain status reads and URL submissions
+(api/fast_paths.py). Before all of them, the server bounds request heads and connections
+(api/server.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 from morag.api.edge import Authentication, HostAllowList, OriginCheck, check_bind  # noqa: E402
 from morag.api.errors import error_response, install_error_handlers  # noqa: E402
+from morag.api.event_stream import StreamOpeningGate  # noqa: E402
 from morag.api.fast_paths import install_fast_paths  # noqa: E402
 from morag.api.metrics import install_metrics, metrics_flushing  # noqa: E402
 from morag.api.routes import batches, health, ingest, search, status, ui  # noqa: E402
@@ -234,6 +237,7 @@ def create_app(
     if fast_paths:
         install_fast_paths(app)
     app.add_middleware(BodySizeLimitMiddleware, cfg=cfg)
+    app.add_middleware(StreamOpeningGate)  # after the key check: no turn for the unkeyed
     # Who is asking, before any body is read (a deeply nested JSON costs nothing unkeyed).
     app.add_middleware(Authentication, keys=cfg.key_table(), protected=PROTECTED_PREFIXES)
     app.add_middleware(OriginCheck, cors_origins=cfg.cors_origins)
@@ -261,7 +265,11 @@ app = create_app(settings, celery=celery_app)
 
 
 def serve(host: str | None = None, port: int | None = None) -> None:
+    """Serve ``app`` (every way of starting the API comes here: ``morag api``, ``morag
+    up``, the Docker image, this module as a script) with the limits of api/server.py."""
     import uvicorn
+
+    from morag.api import server
 
     configure_logging(settings.log_level, settings.log_json)
     bind = host or settings.api_host
@@ -278,13 +286,14 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["filters"] = {"escape_control": {"()": EscapeControlCharacters}}
     log_config["handlers"]["default"]["filters"] = ["escape_control"]
-    uvicorn.run(
+    server.run(
         served,
+        settings,
         host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
         log_config=log_config,
-        access_log=False,  # RequestLogMiddleware logs each request, with its task id
+        on_stopping=served.state.ingestion.stop_streams,
     )
 
 

@@ -164,6 +164,20 @@ class Settings(BaseSettings):
     webhook_delivery_threads: Annotated[int, Field(ge=0)] = 8  # per worker; 0: sends none
     batch_max_items: int = 100
     max_metadata_bytes: int = 64 * 1024
+    # What one API process takes before any route runs (api/server.py): a request's head
+    # (request line and headers) over these is answered 431; one not complete within the
+    # timeout is closed; past the connection limit, requests are answered 503.
+    max_header_count: Annotated[int, Field(ge=8)] = 100
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024  # one header, name and value
+    max_header_block_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024  # the whole head
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_connections: Annotated[int, Field(ge=16)] = 4096
+    # Event streams (SSE) one API process holds at once: per owner (429 beyond it) and in
+    # all (503); each is closed after sse_max_seconds (the client reconnects with
+    # Last-Event-ID and misses nothing).
+    sse_max_streams_per_owner: Annotated[int, Field(ge=1)] = 100
+    sse_max_streams: Annotated[int, Field(ge=1)] = 2000
+    sse_max_seconds: Annotated[float, Field(gt=0)] = 300.0
 
     # --- Logging ------------------------------------------------------------------------
     log_level: str = "INFO"

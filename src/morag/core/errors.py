@@ -12,9 +12,13 @@ One base class, a short list of kinds. The API maps each kind to an HTTP status
     ├── NotFoundError               404  not_found
     ├── ConflictError               409  conflict
     ├── InputGoneError              410  input_gone           a job's input was deleted
+    ├── TooManyRequestsError        429  too_many_requests    a per-client limit, Retry-After
     ├── ConfigurationError          500  configuration_error  e.g. missing speech model
     ├── TransientError              503  transient_error      retried with backoff
+    │   └── OverloadedError         503  unavailable          a process limit, Retry-After
     └── JobCancelledError           409  cancelled            raised inside a job on cancel
+
+An error with ``retry_after`` (seconds) is answered with a ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ class MoragError(Exception):
     http_status = 500
     retryable = False
 
-    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
@@ -80,6 +91,13 @@ class InputGoneError(MoragError):
     http_status = 410
 
 
+class TooManyRequestsError(MoragError):
+    """The caller holds as much of something as one client may (e.g. event streams)."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
 class ConfigurationError(MoragError):
     code = "configuration_error"
     http_status = 500
@@ -91,6 +109,12 @@ class TransientError(MoragError):
     code = "transient_error"
     http_status = 503
     retryable = True
+
+
+class OverloadedError(TransientError):
+    """The process holds as much of something as it takes; another try may find room."""
+
+    code = "unavailable"
 
 
 class JobCancelledError(MoragError):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
-from sse_starlette import EventSourceResponse
 
 from morag.api.deps import Caller, ServiceDep, authenticate
 from morag.api.errors import error_responses
+from morag.api.event_stream import EventStream, frame
 from morag.api.schemas import (
     JobHistory,
     JobKind,
@@ -24,13 +26,19 @@ from morag.api.schemas import (
 )
 from morag.core.errors import MoragError, NotFoundError
 from morag.core.redaction import redact_url
-from morag.services.jobs import TaskInfo, TaskStatus
+from morag.services.jobs import FINAL_STATES, TaskInfo, TaskStatus
 
 router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[Depends(authenticate)])
 
 
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 #: Seconds between SSE comments that keep idle connections (and proxies) open.
 SSE_PING_SECONDS = 15
+#: Seconds one write to a stream may wait for a client that does not read.
+SSE_SEND_TIMEOUT_SECONDS = 30
+#: The reconnection delay sent to clients (``retry:``, ms): spread, so the streams a
+#: restart cut do not all come back in the same instant.
+SSE_RETRY_MS = (1000, 3000)
 
 # One Server-Sent Event (OpenAPI 3.1 reads a text/event-stream schema as one event).
 _SSE_EVENT = {
@@ -192,14 +200,14 @@ def get_history(
 
 @router.get(
     "/{task_id}/events",
-    response_class=EventSourceResponse,
+    response_class=EventStream,
     summary="Follow a job live (Server-Sent Events)",
     responses={
         200: {
             "description": "a stream of events, each described by this schema",
             "content": {"text/event-stream": {"schema": _SSE_EVENT}},
         },
-        **error_responses(401, 404, 422, 500),
+        **error_responses(401, 404, 422, 429, 500, 503),
     },
 )
 async def follow_job(
@@ -208,25 +216,56 @@ async def follow_job(
     service: ServiceDep,
     principal: Caller,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
-) -> EventSourceResponse:
+) -> EventStream:
     """The job's history, then its live events, until it reaches a final state; then the
     stream closes. Each event's name is the job's state, its id the event's timestamp
     (reconnect with ``Last-Event-ID`` to skip what you have seen), its data the event as
-    JSON (``ts, state, progress, stage, message, attempt``, plus ``task_id``)."""
-    request.state.task_id = task_id
-    if await service.reads.record(task_id, principal) is None:
-        raise NotFoundError(f"no job with id {task_id}")
+    JSON (``ts, state, progress, stage, message, attempt``, plus ``task_id``).
 
-    async def events() -> AsyncIterator[dict[str, str]]:
+    A stream is closed after ``MORAG_SSE_MAX_SECONDS`` (300 s): reconnect with
+    ``Last-Event-ID`` (browsers do, after the ``retry:`` delay sent). One client holds
+    at most ``MORAG_SSE_MAX_STREAMS_PER_OWNER`` streams per server process (429 beyond),
+    the process ``MORAG_SSE_MAX_STREAMS`` (503); both with Retry-After."""
+    request.state.task_id = task_id
+    slot = service.streams.acquire(principal.name)
+    try:
+        if await service.reads.record(task_id, principal) is None:
+            raise NotFoundError(f"no job with id {task_id}")
+        following = await service.follower.open(task_id, after=last_event_id)
+    except BaseException:
+        slot.release()
+        raise
+    until = time.monotonic() + service.settings.sse_max_seconds
+
+    async def frames() -> AsyncIterator[bytes]:
+        retry: int | None = random.randint(*SSE_RETRY_MS)  # sent with the first event
+        state = ""
         try:
-            async for event in service.follower.follow(task_id, after=last_event_id):
-                yield {
-                    "event": str(event.get("state", "message")),
-                    "id": str(event.get("ts", "")),
-                    "data": json.dumps({**event, "task_id": task_id}),
-                }
+            async for event in following.events(until, heartbeat=SSE_PING_SECONDS):
+                if event is None:
+                    yield frame(comment="ping")
+                    continue
+                state = str(event.get("state", "message"))
+                yield frame(
+                    event=state,
+                    id=str(event.get("ts", "")),
+                    data=json.dumps({**event, "task_id": task_id}),
+                    retry=retry,
+                )
+                retry = None
         except MoragError as exc:
             # The stream has started (200 sent): the error becomes its last event.
-            yield {"event": "error", "data": json.dumps({"error": exc.to_dict()})}
+            yield frame(event="error", data=json.dumps({"error": exc.to_dict()}))
+            return
+        if state not in FINAL_VALUES:
+            # The time is up, or the server stops: the client comes back for the rest.
+            yield frame(
+                comment="this stream ends here; reconnect with Last-Event-ID",
+                retry=random.randint(*SSE_RETRY_MS),
+            )
 
-    return EventSourceResponse(events(), ping=SSE_PING_SECONDS)
+    def closed() -> None:
+        following.close()  # also when the client left before the first frame
+        slot.release()
+
+    return EventStream(frames(), send_timeout=SSE_SEND_TIMEOUT_SECONDS, on_close=closed)

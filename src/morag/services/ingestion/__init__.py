@@ -8,7 +8,8 @@ per API app (``IngestionService``, in ``create_app``):
 - ``publisher``: the job record, then the task message, sent by name;
 - ``submissions``: submit, batch, retry, cancel;
 - ``reads``: status, result, history, artefacts, the job list, batches, queue stats;
-- ``follower``: a job's live events (SSE).
+- ``follower``: a job's live events (SSE), over one pub/sub connection per process;
+- ``stream_slots``: how many event streams each owner, and the process, hold at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from morag.services.ingestion.idempotency import IdempotencyKeys
 from morag.services.ingestion.publisher import JobPublisher
 from morag.services.ingestion.reads import JobReads
 from morag.services.ingestion.specs import JobSpec, SubmissionChecks, normalise_url
+from morag.services.ingestion.stream_slots import StreamSlots
 from morag.services.ingestion.submissions import BatchSubmission, Submission, Submissions
 from morag.services.jobs import JobStore
 from morag.services.task_manager import TaskManager
@@ -56,6 +58,11 @@ class IngestionService:
         )
         self.reads = JobReads(self.store, self.task_manager, cfg.artifact_dir, cfg.redis_url)
         self.follower = JobFollower(self.store.keys, cfg.redis_url)
+        self.streams = StreamSlots(cfg.sse_max_streams_per_owner, cfg.sse_max_streams)
+
+    def stop_streams(self) -> None:
+        """End every event stream (the server is shutting down)."""
+        self.follower.hub.stop_followers()
 
     async def aclose(self) -> None:
         await self.reads.aclose()
