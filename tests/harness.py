@@ -253,3 +253,22 @@ def start_api(
         server.stop()
         raise
     return base, server
+
+
+def system_tool(names: tuple[str, ...], package: str) -> str:
+    """The path of a system program some tests drive (Chromium, promtool). Missing, the
+    test is skipped with the install command on a developer's machine, and fails where
+    the tools are required: CI (``CI`` or ``MORAG_TEST_REQUIRE_TOOLS`` set; .ci/run
+    installs them), so no check goes unrun there."""
+    import shutil
+
+    import pytest
+
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{names[0]} is not installed: apt-get install {package} (.ci/run installs it)"
+    if os.environ.get("CI") or os.environ.get("MORAG_TEST_REQUIRE_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)

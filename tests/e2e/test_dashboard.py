@@ -8,7 +8,6 @@ shows. Chromium resolves no host but 127.0.0.1: no test sends a packet elsewhere
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from morag.core.config import Settings
 from morag.services.jobs import TaskStatus, get_job_store
 from morag.tasks.system_tasks import probe
-from tests.harness import ROOT, wait_for
+from tests.harness import ROOT, system_tool, wait_for
 from tests.samples import make_pdf
 
 KEY = "dashboard-test-key"
@@ -27,11 +26,7 @@ PHONE = {"width": 390, "height": 844}
 
 
 def chromium_path() -> str:
-    path = os.environ.get("MORAG_TEST_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None
-    )
-    assert path, "Chromium is needed: apt-get install chromium (.ci/run installs it)"
-    return path
+    return system_tool(("chromium", "chromium-browser"), "chromium")
 
 
 @pytest.fixture(scope="module")

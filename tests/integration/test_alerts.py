@@ -7,7 +7,6 @@ these tests fail and say so (a rules file nobody checks drifts from the metrics)
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,15 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from morag.api.main import create_app
 from morag.core.config import Settings
 from morag.tasks.system_tasks import probe
-from tests.harness import ROOT, wait_for
+from tests.harness import ROOT, system_tool, wait_for
 
 ALERTS = ROOT / "docs" / "alerts.yml"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is needed: apt-get install prometheus (.ci/run installs it)"
-    return path
+    return system_tool(("promtool",), "prometheus")
 
 
 def run_promtool(*args: str, cwd: Path) -> str:
