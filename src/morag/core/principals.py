@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ class KeyTable:
 
     @classmethod
     def build(
-        cls, api_keys: list[str], admin_keys: list[str] = (), keys_file: Path | None = None
+        cls, api_keys: Sequence[str], admin_keys: Sequence[str] = (), keys_file: Path | None = None
     ) -> KeyTable:
         """Parse ``name:key`` entries; ``ValueError`` naming the entry (by position, never
         by its key) when one is malformed or two share a name or a key."""

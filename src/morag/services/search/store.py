@@ -403,7 +403,8 @@ class IndexStore:
             )
             return [_document(r) for r in rows], int(total)
 
-        return self._tolerate_missing(read, ([], 0))
+        nothing: tuple[list[DocumentRecord], int] = ([], 0)
+        return self._tolerate_missing(read, nothing)
 
     def chunk_count(self, owner: str | None = None) -> int:
         def read(conn: Any) -> int:
