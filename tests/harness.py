@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,29 @@ def system_tool(names: tuple[str, ...], package: str) -> str:
     if os.environ.get("CI") or os.environ.get("MORAG_TEST_REQUIRE_TOOLS"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def serve_page(body: bytes, content_type: str = "text/html; charset=utf-8") -> Iterator[str]:
+    """``body`` served to every GET on 127.0.0.1 (a web job's input); yields the base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass  # the test's output, not a request log
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -10,17 +10,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
 
 from morag.client import MoragClient
-from tests.harness import ROOT, free_port
+from tests.harness import ROOT, free_port, serve_page
 from tests.webhook_receiver import SECRET, receivers
 
 NOTES = "# Field notes\n\nThe queue keeps every job.\n\n## Details\n\nNothing is lost.\n"
@@ -53,23 +50,8 @@ def notes(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def page_server() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_page(PAGE) as base:
+        yield base
 
 
 def test_ingest_file_waits_with_live_progress_and_sends_the_webhook(

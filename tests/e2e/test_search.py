@@ -7,16 +7,14 @@ from search; the same content ingested again replaces its chunks.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import serve_page, wait_for
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 KEY_A, KEY_B = "team-a-key-0001", "team-b-key-0002"
@@ -50,23 +48,8 @@ def make_pdf(path: Path) -> Path:
 
 @pytest.fixture
 def page_url() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/sourdough.html"
-    server.shutdown()
-    server.server_close()
+    with serve_page(PAGE) as base:
+        yield f"{base}/sourdough.html"
 
 
 def headers(key: str) -> dict[str, str]:
