@@ -56,6 +56,7 @@ class TaskStatus(StrEnum):
 
 
 FINAL_STATES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.REVOKED})
+_STATES = {s: s.value.encode() for s in TaskStatus}  # as script arguments, encoded once
 RUNNING_STATES = frozenset({TaskStatus.STARTED, TaskStatus.PROGRESS})
 
 
@@ -284,70 +285,109 @@ return 1
 """
 )
 
-# KEYS: job, history, lease, channel, outbox, inputs due, artifacts due, metrics, index |
-#       ARGV: ts, worker, lease_ms, max_attempts, id, kind, queue, retention_s, now (epoch s)
+# ARGV: id, ts, now (epoch s), worker, lease_ms, max_attempts, kind, queue (the keys are
+#       the store's: ``_store_constants``)
 # The first start observes the job's queue wait (since its creation: ``created_ts``, or its
 # index score for a record written without it).
 # Returns {outcome, detail}: ok | final | cancelled | busy | exhausted
-_START = (
-    _EMIT
-    + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'progress', 'attempts', 'cancel_requested_at',
+_START = """
+local JOB, HISTORY, LEASE, CHANNEL = job_key(ARGV[1]), history_key(ARGV[1]),
+  lease_key(ARGV[1]), channel_key(ARGV[1])
+local h = redis.call('HMGET', JOB, 'state', 'progress', 'attempts', 'cancel_requested_at',
                     'started_at', 'kind', 'started_ts', 'created_ts')
 if not h[1] then
   -- a message published without a record (a raw Celery client): adopt it
-  redis.call('HSET', KEYS[1], 'id', ARGV[5], 'kind', ARGV[6], 'queue', ARGV[7],
-             'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[1])
-  h = {'pending', '0', '0', false, false, ARGV[6], false, false}
+  redis.call('HSET', JOB, 'id', ARGV[1], 'kind', ARGV[7], 'queue', ARGV[8],
+             'state', 'pending', 'progress', '0', 'attempts', '0', 'created_at', ARGV[2])
+  h = {'pending', '0', '0', false, false, ARGV[7], false, false}
 end
 local state, progress, attempts = h[1], h[2] or '0', tonumber(h[3] or '0')
 if is_final(state) then return {'final', state} end
 if h[4] then
-  redis.call('HSET', KEYS[1], 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[1],
-             'updated_at', ARGV[1], 'message', 'cancelled before it started')
-  emit(KEYS[2], KEYS[4], ARGV[1], 'revoked', progress, 'revoked', 'cancelled before it started',
+  redis.call('HSET', JOB, 'state', 'revoked', 'stage', 'revoked', 'finished_at', ARGV[2],
+             'updated_at', ARGV[2], 'message', 'cancelled before it started')
+  emit(HISTORY, CHANNEL, ARGV[2], 'revoked', progress, 'revoked', 'cancelled before it started',
        attempts, nil)
-  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'revoked', ARGV[1], KEYS[8],
-        ARGV[9])
+  ended(JOB, HISTORY, RETENTION, OUTBOX, INPUTS_DUE, ARTIFACTS_DUE, 'revoked', ARGV[2], METRICS,
+        ARGV[3])
   return {'cancelled', 'revoked'}
 end
 -- the lease, taken if nobody holds it (one call on the usual path)
-if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then
-  return {'busy', redis.call('GET', KEYS[3]) or ''}
+if not redis.call('SET', LEASE, ARGV[4], 'NX', 'PX', ARGV[5]) then
+  return {'busy', redis.call('GET', LEASE) or ''}
 end
-if attempts >= tonumber(ARGV[4]) then
-  redis.call('DEL', KEYS[3])
+if attempts >= tonumber(ARGV[6]) then
+  redis.call('DEL', LEASE)
   local msg = 'gave up after ' .. attempts .. ' attempts: the job never finished ' ..
               '(its worker process died or was killed each time)'
-  redis.call('HSET', KEYS[1], 'state', 'failure', 'stage', 'failure', 'finished_at', ARGV[1],
-             'updated_at', ARGV[1], 'error_type', 'AttemptsExhausted', 'error_message', msg,
+  redis.call('HSET', JOB, 'state', 'failure', 'stage', 'failure', 'finished_at', ARGV[2],
+             'updated_at', ARGV[2], 'error_type', 'AttemptsExhausted', 'error_message', msg,
              'message', msg)
-  emit(KEYS[2], KEYS[4], ARGV[1], 'failure', progress, 'failure', msg, attempts, nil)
-  ended(KEYS[1], KEYS[2], ARGV[8], KEYS[5], KEYS[6], KEYS[7], 'failure', ARGV[1], KEYS[8],
-        ARGV[9])
-  redis.call('HINCRBY', KEYS[8], 'c|recovery|gave_up', 1)
+  emit(HISTORY, CHANNEL, ARGV[2], 'failure', progress, 'failure', msg, attempts, nil)
+  ended(JOB, HISTORY, RETENTION, OUTBOX, INPUTS_DUE, ARTIFACTS_DUE, 'failure', ARGV[2], METRICS,
+        ARGV[3])
+  redis.call('HINCRBY', METRICS, 'c|recovery|gave_up', 1)
   return {'exhausted', tostring(attempts)}
 end
 if state == 'started' or state == 'progress' then
   -- its last run never ended (the process died): the message was delivered again
-  redis.call('HINCRBY', KEYS[8], 'c|recovery|redelivered', 1)
+  redis.call('HINCRBY', METRICS, 'c|recovery|redelivered', 1)
 end
 attempts = attempts + 1
 local message = 'started (attempt ' .. attempts .. ')'
-redis.call('HSET', KEYS[1], 'state', 'started', 'stage', 'started', 'message', message,
-           'attempts', attempts, 'worker', ARGV[2], 'updated_at', ARGV[1],
-           'started_at', h[5] or ARGV[1], 'started_ts', h[7] or ARGV[9], 'stage_ts', ARGV[9])
+redis.call('HSET', JOB, 'state', 'started', 'stage', 'started', 'message', message,
+           'attempts', attempts, 'worker', ARGV[4], 'updated_at', ARGV[2],
+           'started_at', h[5] or ARGV[2], 'started_ts', h[7] or ARGV[3], 'stage_ts', ARGV[3])
 if not h[5] then
-  local created = h[8] or redis.call('ZSCORE', KEYS[9], ARGV[5])
+  local created = h[8] or redis.call('ZSCORE', JOB_INDEX, ARGV[1])
   if created then
-    observe(KEYS[8], 'wait|' .. (h[6] or ARGV[6]), tonumber(ARGV[9]) - tonumber(created))
+    observe(METRICS, 'wait|' .. (h[6] or ARGV[7]), tonumber(ARGV[3]) - tonumber(created))
   end
 end
-emit(KEYS[2], KEYS[4], ARGV[1], 'started', progress, 'started', message, attempts,
-     {worker=ARGV[2]})
+emit(HISTORY, CHANNEL, ARGV[2], 'started', progress, 'started', message, attempts,
+     {worker=ARGV[4]})
 return {'ok', tostring(attempts)}
 """
-)
+
+
+def _lua_string(value: str) -> str:
+    """``value`` as a Lua string literal: letters and digits as they are, every other byte
+    escaped (``\\ddd``), so no prefix can break out of it."""
+    return (
+        '"'
+        + "".join(
+            chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\{b:03d}"
+            for b in value.encode()
+        )
+        + '"'
+    )
+
+
+def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
+    """Lua defining one store's key names (as core/keys.py makes them) and retention.
+
+    The per-job scripts (start, finish) run on every job; with their keys and constants
+    written into their text, the client sends a job's id and what changes per call, not
+    nine key names: redis-py packs each argument in Python, and Redis turns each into a
+    Lua string on every call.
+    """
+    mark = "\x00"
+    lines = []
+    for name in ("job", "history", "lease", "result", "channel"):
+        before, after = getattr(keys, name)(mark).split(mark)
+        tail = f" .. {_lua_string(after)}" if after else ""
+        lines.append(f"local function {name}_key(id) return {_lua_string(before)} .. id{tail} end")
+    for name, key in (
+        ("OUTBOX", keys.webhook_outbox),
+        ("INPUTS_DUE", keys.inputs_due),
+        ("ARTIFACTS_DUE", keys.artifacts_due),
+        ("METRICS", keys.metrics),
+        ("JOB_INDEX", keys.job_index),
+    ):
+        lines.append(f"local {name} = {_lua_string(key)}")
+    lines.append(f"local RETENTION = {int(retention_seconds)}")
+    return "\n".join(lines) + "\n"
+
 
 # KEYS: job, history, lease, channel, metrics | ARGV: ts, progress, stage, message, worker,
 #       lease_ms, metadata_json ('' for none), ts as epoch s
@@ -374,27 +414,27 @@ return 'ok'
 """
 )
 
-# KEYS: job, history, lease, channel, result, outbox, inputs due, artifacts due, metrics |
-#       ARGV: ts, state, message, error_type, error_message, summary_json, result_json,
-#       retention_s, worker, now (epoch s), then optionally the last progress report not yet
-#       written: its ts, progress, stage, message, metadata_json, ts as epoch s
+# ARGV: id, ts, now (epoch s), worker, state, message, then the state's details (success:
+#       summary_json, result_json; failure: error_type, error_message; revoked: '', ''), then
+#       optionally the last progress report not yet written: its ts, progress, stage,
+#       message, metadata_json, ts as epoch s (the keys are the store's: ``_store_constants``)
 # Returns {outcome, state}: ok | final | missing
-_FINISH = (
-    _EMIT
-    + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'cancel_requested_at', 'progress', 'attempts',
+_FINISH = """
+local JOB, HISTORY, LEASE, CHANNEL = job_key(ARGV[1]), history_key(ARGV[1]),
+  lease_key(ARGV[1]), channel_key(ARGV[1])
+local h = redis.call('HMGET', JOB, 'state', 'cancel_requested_at', 'progress', 'attempts',
                      'stage', 'stage_ts', 'kind', 'worker', 'id', 'webhook_url', 'owned_files',
                      'started_ts')
 local current = h[1]
 if not current then return {'missing', ''} end
 if is_final(current) then return {'final', current} end
-local state, message = ARGV[2], ARGV[3]
+local state, message = ARGV[5], ARGV[6]
 if state == 'success' and h[2] then
   -- cancelled while finishing: the user asked for no result, so none is kept
   state, message = 'revoked', 'cancelled while running'
 end
-local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[1],
-                'updated_at', ARGV[1]}
+local fields = {'state', state, 'stage', state, 'message', message, 'finished_at', ARGV[2],
+                'updated_at', ARGV[2]}
 local function add(name, value)
   fields[#fields + 1] = name
   fields[#fields + 1] = value
@@ -402,41 +442,41 @@ end
 local events = {}
 local progress = h[3] or '0'
 local running = current == 'started' or current == 'progress'
-if ARGV[11] and running then
+if ARGV[9] and running then
   -- the report the job made just before finishing, in its place in the history
-  progress = math.max(tonumber(progress), tonumber(ARGV[12]))
+  progress = math.max(tonumber(progress), tonumber(ARGV[10]))
   local extra = nil
-  if ARGV[15] ~= '' then
-    add('progress_metadata', ARGV[15])
-    extra = {metadata=cjson.decode(ARGV[15])}
+  if ARGV[13] ~= '' then
+    add('progress_metadata', ARGV[13])
+    extra = {metadata=cjson.decode(ARGV[13])}
   end
-  events[1] = event(ARGV[11], 'progress', progress, ARGV[13], ARGV[14], h[4], extra)
-  if h[5] ~= ARGV[13] then
-    stage_done(KEYS[9], h[7], h[5], h[6], ARGV[16])
-    h[5], h[6] = ARGV[13], ARGV[16]
+  events[1] = event(ARGV[9], 'progress', progress, ARGV[11], ARGV[12], h[4], extra)
+  if h[5] ~= ARGV[11] then
+    stage_done(METRICS, h[7], h[5], h[6], ARGV[14])
+    h[5], h[6] = ARGV[11], ARGV[14]
   end
 end
-if running then stage_done(KEYS[9], h[7], h[5], h[6], ARGV[10]) end
+if running then stage_done(METRICS, h[7], h[5], h[6], ARGV[3]) end
 if state == 'success' then
   progress = '1'
-  add('result_summary', ARGV[6])
-  redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[8])
+  add('result_summary', ARGV[7])
+  redis.call('SET', result_key(ARGV[1]), ARGV[8], 'EX', RETENTION)
 elseif state == 'failure' then
-  add('error_type', ARGV[4])
-  add('error_message', ARGV[5])
+  add('error_type', ARGV[7])
+  add('error_message', ARGV[8])
 end
 add('progress', progress)
-redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', JOB, unpack(fields))
 -- the lease is this process's while the record names it as the runner (a later claim by
 -- another process renames the runner; only this process takes its own lease back)
-if ARGV[9] ~= '' and h[8] == ARGV[9] then redis.call('DEL', KEYS[3]) end
-events[#events + 1] = event(ARGV[1], state, progress, state, message, h[4], nil)
-push(KEYS[2], KEYS[4], unpack(events))
-ended(KEYS[1], KEYS[2], ARGV[8], KEYS[6], KEYS[7], KEYS[8], state, ARGV[1], KEYS[9], ARGV[10],
-      {h[9], h[10], h[11], h[7], h[12]})
+if ARGV[4] ~= '' and h[8] == ARGV[4] then redis.call('DEL', LEASE) end
+events[#events + 1] = event(ARGV[2], state, progress, state, message, h[4], nil)
+push(HISTORY, CHANNEL, unpack(events))
+ended(JOB, HISTORY, RETENTION, OUTBOX, INPUTS_DUE, ARTIFACTS_DUE, state, ARGV[2], METRICS,
+      ARGV[3], {h[9], h[10], h[11], h[7], h[12]})
 return {'ok', state}
 """
-)
+
 
 # KEYS: job, history, lease, channel | ARGV: ts, message, error_type, error_message, worker,
 #       retry_at
@@ -585,6 +625,27 @@ class ProgressReport:
     metadata: dict[str, Any] | None = None  # the seed's ``update_progress(..., **metadata)``
 
 
+class _JobScript:
+    """A per-job script (start, finish): called with its arguments only, its keys being in
+    its text (``_store_constants``).
+
+    It sends EVALSHA through the client directly: redis-py's ``Script`` adds a tuple copy,
+    an import and two pipeline type checks to each call, a tenth of the pool process's
+    cost of one. A Redis that lost its scripts (a restart) is sent the script again.
+    """
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self.client = client
+        self.script = client.register_script(source)
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.client.execute_command("EVALSHA", self.script.sha, 0, *args)
+        except redis.exceptions.NoScriptError:
+            self.script.sha = self.client.script_load(self.script.script)
+            return self.client.execute_command("EVALSHA", self.script.sha, 0, *args)
+
+
 class JobStore:
     """Reads and writes job records. One instance per process and settings."""
 
@@ -593,9 +654,10 @@ class JobStore:
         self.keys = RedisKeys(prefix)
         self.retention_seconds = retention_seconds
         self._create = client.register_script(_CREATE)
-        self._start = client.register_script(_START)
+        constants = _store_constants(self.keys, retention_seconds)
+        self._start = _JobScript(client, constants + _EMIT + _START)
         self._progress = client.register_script(_PROGRESS)
-        self._finish = client.register_script(_FINISH)
+        self._finish = _JobScript(client, constants + _EMIT + _FINISH)
         self._retry = client.register_script(_RETRY)
         self._cancel = client.register_script(_CANCEL)
         self._keep_lease = client.register_script(_KEEP_LEASE)
@@ -709,29 +771,16 @@ class JobStore:
         queue: str = "",
     ) -> Outcome:
         """Claim the job for one run: ok, or why it must not run (final, cancelled, busy…)."""
+        now = utcnow()
         outcome, detail = self._start(
-            keys=[
-                self.keys.job(task_id),
-                self.keys.history(task_id),
-                self.keys.lease(task_id),
-                self.keys.channel(task_id),
-                self.keys.webhook_outbox,
-                self.keys.inputs_due,
-                self.keys.artifacts_due,
-                self.keys.metrics,
-                self.keys.job_index,
-            ],
-            args=[
-                _iso(now := utcnow()),
-                worker,
-                int(lease_seconds * 1000),
-                max_attempts,
-                task_id,
-                kind,
-                queue,
-                self.retention_seconds,
-                now.timestamp(),
-            ],
+            task_id,
+            _iso(now),
+            now.timestamp(),
+            worker,
+            int(lease_seconds * 1000),
+            max_attempts,
+            kind,
+            queue,
         )
         return Outcome(_s(outcome), _s(detail))
 
@@ -798,31 +847,22 @@ class JobStore:
                 json.dumps(last_report.metadata) if last_report.metadata else "",
                 last_report.at.timestamp(),
             ]
+        if state is TaskStatus.SUCCESS:
+            details = [json.dumps(summary or {}), json.dumps(result or {})]
+        elif state is TaskStatus.FAILURE:
+            details = [error_type, error_message]
+        else:
+            details = [b"", b""]
+        now = utcnow()
         outcome, final_state = self._finish(
-            keys=[
-                self.keys.job(task_id),
-                self.keys.history(task_id),
-                self.keys.lease(task_id),
-                self.keys.channel(task_id),
-                self.keys.result(task_id),
-                self.keys.webhook_outbox,
-                self.keys.inputs_due,
-                self.keys.artifacts_due,
-                self.keys.metrics,
-            ],
-            args=[
-                _iso(now := utcnow()),
-                state.value,
-                message or state.value,
-                error_type,
-                error_message,
-                json.dumps(summary or {}),
-                json.dumps(result or {}),
-                self.retention_seconds,
-                worker,
-                now.timestamp(),
-                *report,
-            ],
+            task_id,
+            _iso(now),
+            now.timestamp(),
+            worker,
+            _STATES[state],
+            message or state.value,
+            *details,
+            *report,
         )
         return Outcome(_s(outcome), _s(final_state))
 

@@ -52,6 +52,10 @@ def _configure_structlog(loglevel: Any = None, logger: Any = None, **_: Any) -> 
     configure_structlog(str(level or settings.log_level), settings.log_json, sys.__stderr__)
     if logger is not None:
         escape_stdlib_logs(logger)
+    if logging.getLevelName(str(level or settings.log_level).upper()) != logging.DEBUG:
+        # Celery's "Task ... succeeded" line says again what "job finished" says: one line
+        # per job in the pool process (~25 µs each); its warnings and errors still show.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
 
 
 @signals.after_setup_task_logger.connect

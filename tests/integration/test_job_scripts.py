@@ -1,0 +1,89 @@
+"""The per-job scripts (start, finish) carry their store's key names in their text: any
+prefix works, and a Redis that lost its scripts is sent them again."""
+
+from __future__ import annotations
+
+import redis
+
+from morag.services.jobs import JobStore, ProgressReport, TaskStatus, utcnow
+
+
+def test_a_prefix_of_any_characters_names_every_key_the_scripts_write(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    prefix = f'{namespace}:q"uo\\te d ü]]\n'  # quotes, backslash, space, non-ASCII, newline
+    store = JobStore(redis_client, prefix, retention_seconds=60)
+    try:
+        store.create(
+            "j1",
+            kind="system",
+            queue="celery",
+            task_name="probe",
+            extra={"webhook_url": "http://127.0.0.1:9/hook"},
+        )
+        assert store.start("j1", worker="w", lease_seconds=5, max_attempts=3).outcome == "ok"
+        assert store.has_lease("j1")
+        report = ProgressReport(0.5, "probing", "half", utcnow(), {"step": 1})
+        outcome = store.finish(
+            "j1",
+            TaskStatus.SUCCESS,
+            worker="w",
+            summary={"n": 1},
+            result={"n": 2},
+            last_report=report,
+        )
+        assert outcome.outcome == "ok" and outcome.detail == "success"
+        assert not store.has_lease("j1")
+        assert store.result("j1") == {"n": 2}
+        assert [e["state"] for e in store.history("j1")] == [
+            "pending",
+            "started",
+            "progress",
+            "success",
+        ]
+        assert 0 < redis_client.ttl(store.keys.job("j1")) <= 60
+        assert 0 < redis_client.ttl(store.keys.history("j1")) <= 60
+        assert redis_client.llen(store.keys.webhook_outbox) == 1
+        metrics = redis_client.hgetall(store.keys.metrics)
+        assert metrics[b"c|finished|system|success"] == b"1"
+        assert metrics[b"h|stage|system|probing|0.1"] == b"1"
+        k = store.keys
+        written = {key.decode() for key in redis_client.scan_iter(match=f"{namespace}:q*")}
+        assert written == {
+            k.job("j1"),
+            k.history("j1"),
+            k.result("j1"),
+            k.job_index,
+            k.owner_jobs("anonymous"),
+            k.owners,
+            k.metrics,
+            k.webhook_outbox,
+        }
+    finally:
+        for key in redis_client.scan_iter(match=f"{namespace}:q*"):
+            redis_client.delete(key)
+
+
+def test_a_script_redis_no_longer_knows_is_loaded_again(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    store = JobStore(redis_client, f"{namespace}:reload", retention_seconds=60)
+    try:
+        store.create("j2", kind="system", queue="celery", task_name="probe")
+        unknown = "0" * 40  # as after a restart without the scripts
+        store._start.script.sha = unknown
+        assert store.start("j2", worker="w", lease_seconds=5, max_attempts=3).outcome == "ok"
+        assert store._start.script.sha != unknown
+        store._finish.script.sha = unknown
+        assert (
+            store.finish(
+                "j2", TaskStatus.FAILURE, worker="w", error_type="E", error_message="boom"
+            ).outcome
+            == "ok"
+        )
+        job = store.get("j2")
+        assert job is not None
+        assert (job.status, job.error_type, job.error) == (TaskStatus.FAILURE, "E", "boom")
+    finally:
+        for key in redis_client.scan_iter(match=f"{namespace}:reload*"):
+            redis_client.delete(key)
