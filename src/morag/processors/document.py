@@ -3,7 +3,7 @@
 PDF goes through pypdf page by page (pages are kept in chunk metadata). Office files and
 HTML go through markitdown's converters, called directly so that no plugin, network
 session, LLM or external tool is ever involved. Markdown output is cut into sections at
-headings so chunks carry their ``heading_path``.
+headings (processors/sections.py) so chunks carry their ``heading_path``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from morag.processors.base import (
 )
 from morag.processors.chunking import chunk_segments
 from morag.processors.detect import detect_type
+from morag.processors.sections import split_markdown_sections
 
 FORMAT_LABELS = {
     "pdf": "PDF",
@@ -52,8 +53,6 @@ ZIP_MAX_XML_PART_BYTES = 100 * 1024 * 1024
 
 _DOCX_UNDERLINE_STYLE = "u => u"  # keep underlines, as markitdown does
 _WESTERN_ENCODINGS = ("cp1252", "iso8859_1", "iso8859_15")
-_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _SLIDE_MARKER = re.compile(r"^<!-- Slide number: (\d+) -->$", re.MULTILINE)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 # Exceptions Celery raises inside a task on its time limits: never disguise them as bad input.
@@ -164,58 +163,6 @@ def check_zip_expansion(path: Path, limits: ProcessorLimits) -> None:
             "the archive expands too much",
             details={"expanded_bytes": expanded, "packed_bytes": packed, "max_bytes": cap},
         )
-
-
-def split_markdown_sections(markdown: str) -> list[TextSegment]:
-    """Cut Markdown into one segment per heading section, with its ``heading_path``.
-
-    A heading directly followed by another heading is carried into the next section, so
-    no segment is a bare title. Headings inside fenced code blocks are ignored.
-    """
-    segments: list[TextSegment] = []
-    stack: list[tuple[int, str]] = []
-    lines: list[str] = []
-    has_body = False
-    carried = ""
-    fence = ""
-
-    def close() -> None:
-        nonlocal carried
-        text = "\n".join(lines).strip()
-        if not text:
-            return
-        if carried:
-            text = carried + "\n\n" + text
-            carried = ""
-        if has_body:
-            metadata = {"heading_path": [t for _, t in stack]} if stack else {}
-            segments.append(TextSegment(text, metadata))
-        else:
-            carried = text
-
-    for line in markdown.splitlines():
-        fence_match = _FENCE.match(line)
-        if fence_match:
-            marker = fence_match.group(1)
-            if not fence:
-                fence = marker[0] * 3
-            elif marker.startswith(fence):
-                fence = ""
-        heading = None if fence or fence_match else _HEADING.match(line)
-        if heading:
-            close()
-            level = len(heading.group(1))
-            while stack and stack[-1][0] >= level:
-                stack.pop()
-            stack.append((level, heading.group(2).strip()))
-            lines, has_body = [line], False
-        else:
-            lines.append(line)
-            has_body = has_body or bool(line.strip())
-    close()
-    if carried:  # trailing headings with nothing under them
-        segments.append(TextSegment(carried, {"heading_path": [t for _, t in stack]}))
-    return segments
 
 
 def decode_text(data: bytes) -> tuple[str, str]:

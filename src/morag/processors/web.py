@@ -19,17 +19,16 @@ from morag.processors.base import (
     ProcessingResult,
     ProcessorLimits,
     ProgressCallback,
-    TextSegment,
     no_progress,
 )
 from morag.processors.chunking import chunk_segments
+from morag.processors.sections import first_heading, split_markdown_sections
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 TEXT_TYPES = ("text/plain", "text/markdown", "text/x-markdown")
 ACCEPTED_TYPES = HTML_TYPES + TEXT_TYPES
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_FENCE = re.compile(r"^\s*(```|~~~)")
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
 
 
@@ -65,7 +64,7 @@ def process_web(
 
     progress(0.8, "chunking", "splitting into chunks")
     base = {"source": page.final_url, "url": page.final_url}
-    chunks = chunk_segments(split_at_headings(markdown), options, base_metadata=base)
+    chunks = chunk_segments(split_markdown_sections(markdown), options, base_metadata=base)
 
     progress(0.95, "finalising", f"{len(chunks)} chunks")
     metadata: dict[str, Any] = {
@@ -88,7 +87,7 @@ def _to_markdown(page: FetchResult) -> tuple[str, dict[str, Any]]:
     if not is_html:
         markdown = text.strip()
         return markdown, {
-            "title": _first_heading(markdown),
+            "title": first_heading(markdown),
             "author": None,
             "date": None,
             "sitename": None,
@@ -104,7 +103,7 @@ def _to_markdown(page: FetchResult) -> tuple[str, dict[str, Any]]:
     if document is None or not document.text:
         return "", {}
     markdown = _FRONT_MATTER.sub("", document.text, count=1).strip()  # metadata kept apart
-    title = document.title or _first_heading(markdown)
+    title = document.title or first_heading(markdown)
     if title and not _HEADING.match(markdown.split("\n", 1)[0]):
         markdown = f"# {title}\n\n{markdown}"
     found = {
@@ -128,45 +127,3 @@ def _decode(page: FetchResult) -> str:
         # let trafilatura detect the charset (meta tags, byte statistics)
         return trafilatura.utils.decode_file(page.content)
     return page.content.decode("utf-8", errors="replace")
-
-
-def _first_heading(markdown: str) -> str | None:
-    for line in markdown.splitlines():
-        match = _HEADING.match(line)
-        if match:
-            return match.group(2)
-    return None
-
-
-def split_at_headings(markdown: str) -> list[TextSegment]:
-    """One segment per section, with ``heading_path`` (outermost heading first).
-
-    A heading directly followed by a deeper heading is carried into the next segment
-    rather than left as a chunk holding nothing but a title.
-    """
-    segments: list[TextSegment] = []
-    path: list[tuple[int, str]] = []
-    lines: list[str] = []
-    in_fence = False
-
-    def flush() -> None:
-        body = "\n".join(lines).strip()
-        if body and not all(_HEADING.match(line) or not line.strip() for line in lines):
-            segments.append(TextSegment(body, {"heading_path": [t for _, t in path]}))
-            lines.clear()
-
-    for line in markdown.splitlines():
-        if _FENCE.match(line):
-            in_fence = not in_fence
-        match = None if in_fence else _HEADING.match(line)
-        if match:
-            flush()
-            level = len(match.group(1))
-            path = [(lv, t) for lv, t in path if lv < level] + [(level, match.group(2))]
-        lines.append(line)
-    flush()
-    if lines and "\n".join(lines).strip():  # headings with no text under them at the end
-        segments.append(
-            TextSegment("\n".join(lines).strip(), {"heading_path": [t for _, t in path]})
-        )
-    return segments

@@ -14,11 +14,7 @@ from morag.core.errors import (
 )
 from morag.processors.base import ChunkingOptions, ProcessorLimits
 from morag.processors.chunking import count_tokens
-from morag.processors.document import (
-    decode_text,
-    process_document,
-    split_markdown_sections,
-)
+from morag.processors.document import decode_text, process_document
 from tests.samples import PAGE_TEXT, make_pdf, make_zip_bomb
 
 
@@ -180,14 +176,6 @@ def test_markdown_sections_carry_their_heading_path(tmp_path: Path) -> None:
     assert "# not a heading" in by_path[("Guide", "Install")]
     assert by_path[("Guide", "Use", "Advanced")].startswith("## Use\n\n### Advanced")
     assert by_path[("Appendix",)] == "# Appendix\nNotes."
-
-
-def test_split_markdown_sections_handles_trailing_bare_heading() -> None:
-    segments = split_markdown_sections("# A\ntext\n# B\n")
-    assert [(s.text, s.metadata) for s in segments] == [
-        ("# A\ntext", {"heading_path": ["A"]}),
-        ("# B", {"heading_path": ["B"]}),
-    ]
 
 
 def test_latin1_text_is_decoded(tmp_path: Path) -> None:
