@@ -19,10 +19,10 @@ each query in ``keyword``, ``vector`` and ``hybrid`` mode, and prints recall@10 
    target's ``source`` (``json.html``), and
 2. its section is the target's section: the innermost element of the hit's
    ``location.heading_path`` names the target's innermost section, either by an anchor
-   (the HTML-to-Markdown heading keeps Sphinx's links, ``[¶](#basic-usage ...)``: any
-   ``(#anchor`` in it equal to the section's id) or by its text (Markdown links reduced to
-   their text, ``¶``, backticks, emphasis and escapes removed, whitespace collapsed,
-   case-folded) equal to the section's title.
+   (any ``(#anchor`` in it equal to the section's id, as heading paths held Sphinx's
+   ``[¶](#basic-usage ...)`` links before they became plain text) or by its text
+   (Markdown links reduced to their text, ``¶``, backticks, emphasis and escapes removed,
+   whitespace collapsed, case-folded) equal to the section's title.
 
 morag's chunker starts a new chunk at every heading change, so a chunk lies in one
 section, and every chunk of the target section counts: the judgement is at the index's

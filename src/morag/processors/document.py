@@ -328,16 +328,23 @@ def _convert_xlsx(path: Path, limits: ProcessorLimits, progress: ProgressCallbac
 
 
 def _convert_html(path: Path, limits: ProcessorLimits, progress: ProgressCallback) -> _Converted:
+    """The page's main content (processors/html_content.py) to Markdown with markitdown."""
     from markitdown.converters import HtmlConverter
+
+    from morag.processors.html_content import page_content
 
     data = path.read_bytes()
     declared = _META_CHARSET.search(data[:4096])
     text, encoding = _decode_declared(data, declared.group(1).decode() if declared else None)
-    result = HtmlConverter().convert_string(text)
-    markdown = _tidy(result.markdown)
-    metadata: dict[str, Any] = {"encoding": encoding, "converter": "markitdown"}
-    if result.title and result.title.strip():
-        metadata["title"] = result.title.strip()
+    page = page_content(text)
+    markdown = _tidy(HtmlConverter().convert_string(page.html).markdown)
+    metadata: dict[str, Any] = {
+        "encoding": encoding,
+        "converter": "markitdown",
+        "html_content": page.kept,
+    }
+    if page.title and page.title.strip():
+        metadata["title"] = page.title.strip()
     return _Converted(markdown, split_markdown_sections(markdown), metadata)
 
 
