@@ -149,6 +149,16 @@ class Bench:
             os.environ.update(self.morag_env())
         return self.index_url
 
+    def stop_index(self) -> None:
+        """Stop the embedded index and delete its data: the next ``start_index`` is fresh,
+        and processes started meanwhile get no index URL."""
+        if self.index_server is not None:
+            self.index_server.stop()
+            self.index_server = None
+            shutil.rmtree(self.tmp / "index", ignore_errors=True)
+        self.index_url = ""
+        os.environ.pop("MORAG_INDEX_URL", None)
+
     @property
     def socket_path(self) -> str:
         return self.redis_url[len("unix://") :]

@@ -2,10 +2,13 @@
 the speech model's real-time factor.
 
 Row 8: peak RSS is the kernel's high-water mark (``VmHWM``). The worker has one pool
-process and all five queues (so it preloads the speech model at start, as shipped); it
-runs one job of each modality: a document (docx), a web page served on 127.0.0.1, the
-speech fixture and a generated 6-s video with sound. The API's figure is read after the
-API rows ran against it (submissions, status reads, SSE streams).
+process and all five queues (so it preloads the speech and embedding models at start, as
+shipped); it runs one job of each modality: a document (docx), a web page served on
+127.0.0.1, the speech fixture and a generated 6-s video with sound. Each job embeds its
+chunks and writes them to an index, as a user's jobs do by default: the row starts a fresh
+embedded index (``Bench.start_index``) for its worker and deletes it afterwards, so the
+``search`` group's index starts empty. The API's figure is read after the API rows ran
+against it (submissions, status reads, SSE streams).
 
 Row 9: ``process_audio`` in a fresh process on the speech fixture (3.4 s) and, where
 ``espeak-ng`` is installed, on about a minute of varied synthetic speech, after one warm-up
@@ -56,6 +59,7 @@ def run_memory(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
     speech = copy_speech(media)
     video = make_video(media / "clip.mp4")
     server = PageServer()
+    index_url = bench.start_index()  # before the worker: it gets the index's URL
     worker = bench.start_morag_worker(1)
     try:
         (child,) = worker.children()
@@ -73,21 +77,26 @@ def run_memory(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
         if children != [child]:
             raise RuntimeError("the pool process was replaced during the jobs")
         main_peak, child_peak = peak_rss_mb(worker.pid), peak_rss_mb(child)
+        indexed = _indexed_documents(index_url)
+        if indexed != len(ids):
+            raise RuntimeError(f"{len(ids)} jobs left {indexed} documents in the index")
     finally:
         server.close()
         bench.stop(worker)
+        bench.stop_index()
         bench.flush_morag()
     rows = [
         Row(
             key="8b",
-            figure="peak RSS of one worker after a document, web, audio and video job "
-            "(main process + its pool process)",
+            figure="peak RSS of one worker after a document, web, audio and video job, each "
+            "embedded and indexed (main process + its pool process)",
             unit="MB",
             value=summary([main_peak + child_peak], 0),
             target="reported",
             notes=f"main process {main_peak:.0f} MB, pool process {child_peak:.0f} MB (at "
-            f"start: {idle_main:.0f} MB and {idle_child:.0f} MB, speech model preloaded); a "
-            "worker with concurrency N holds N pool processes.",
+            f"start: {idle_main:.0f} MB and {idle_child:.0f} MB, speech and embedding models "
+            "preloaded); each job embedded its chunks and wrote them to the index; a worker "
+            "with concurrency N holds N pool processes.",
             details={"main_mb": round(main_peak), "pool_process_mb": round(child_peak)},
         )
     ]
@@ -106,6 +115,17 @@ def run_memory(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
             ),
         )
     return rows
+
+
+def _indexed_documents(index_url: str) -> int:
+    """How many documents the index holds (every owner)."""
+    from morag.services.search.store import IndexStore
+
+    store = IndexStore(index_url)
+    try:
+        return store.list_documents(None, limit=1)[1]
+    finally:
+        store.close()
 
 
 def transcribe_child(paths: list[str], reps: int) -> None:
