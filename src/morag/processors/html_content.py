@@ -6,8 +6,8 @@ Only what the page's markup declares is used, nothing is guessed from text stati
   ``<article>`` when that holds most of the page's text, else the whole ``<body>``;
 - without, wherever they are, ``<nav>`` and elements whose role is navigation, search,
   banner or contentinfo, the page's own ``<header>`` and ``<footer>`` (not an article's
-  or a section's), forms that hold no text content (search boxes, logins), scripts,
-  styles, and permalink anchors (Sphinx's ``¶`` after each heading).
+  or a section's), forms that hold no text content (search boxes, logins), and permalink
+  anchors (Sphinx's ``¶`` after each heading). Scripts and styles markitdown drops itself.
 
 A page without any of that markup is returned unchanged, so ordinary HTML comes through
 whole. Web pages fetched by URL are another matter (processors/web.py): pages of the open
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from bs4 import BeautifulSoup, Tag
 
-_CHROME_TAGS = {"nav", "script", "style"}
-_CHROME_ROLES = {"navigation", "search", "banner", "contentinfo"}
+_NAV_ROLES = {"navigation", "search"}
 _PAGE_PARTS = {"header", "footer"}
+_PAGE_PART_ROLES = {"banner", "contentinfo"}
 # A header or footer inside one of these belongs to it, not to the page (HTML-AAM).
 _SCOPING_TAGS = {"article", "aside", "main", "nav", "section"}
 _SCOPING_ROLES = {"article", "complementary", "main", "navigation", "region"}
@@ -75,7 +75,7 @@ def page_content(html: str) -> PageContent:
 
 
 def _remove_chrome(root: Tag) -> int:
-    """Remove navigation, search, page header/footer, scripts, empty forms; return how many."""
+    """Remove navigation, search, page header and footer, empty forms, permalinks; count them."""
     found = [tag for tag in root.find_all(True) if _is_chrome(tag)]
     for tag in found:
         if not tag.decomposed:  # already gone with an enclosing element
@@ -85,9 +85,9 @@ def _remove_chrome(root: Tag) -> int:
 
 def _is_chrome(tag: Tag) -> bool:
     roles = _roles(tag)
-    if tag.name in _CHROME_TAGS or roles & {"navigation", "search"}:
+    if tag.name == "nav" or roles & _NAV_ROLES:
         return True
-    if tag.name in _PAGE_PARTS or roles & {"banner", "contentinfo"}:
+    if tag.name in _PAGE_PARTS or roles & _PAGE_PART_ROLES:
         # A page header holding the page's title heading stays (its nav goes on its own).
         return _belongs_to_page(tag) and tag.find("h1") is None
     if tag.name == "form":
