@@ -9,8 +9,8 @@ finished jobs leave behind, not a queue) while uploading 2,000 small documents t
 ``used_memory``, the number of keys (``DBSIZE``) and the bytes of files under the data dir
 (``MORAG_DATA_DIR``: uploads and artefacts) every second: at the start (services up,
 nothing submitted), the peak, and after every job ended, the retention passed and one
-index-prune period went by. Both
-Redis figures and the data dir must come back to within 10% of the start.
+index-prune period went by. Both Redis figures and the data dir must come back to within
+10% of the start.
 
 The embedded Redis's own files (AOF, in another directory) are reported too: Redis
 compacts its log itself (auto AOF rewrite) and they are not morag's to delete.
