@@ -7,6 +7,7 @@ index points to: a page and the innermost section holding the anchor.
     python -m bench.retrieval_eval                     # starts its own `morag up` (temp data dir)
     python -m bench.retrieval_eval --url http://127.0.0.1:8000 [--api-key KEY]   # a running morag
     python -m bench.retrieval_eval --in-process        # vector only, no service: the raw model
+    python -m bench.retrieval_eval --sweep             # the hybrid fusion's weight and depth
 
 It ingests the set's pages through ``POST /api/v1/ingest/file`` (as ``json.html`` etc.),
 waits for every job, then asks ``POST /api/v1/search`` ``{"query", "k": 10, "mode"}`` for
@@ -141,14 +142,16 @@ def ingest(client: Any, files: list[Path], timeout: float) -> dict[str, Any]:
     return {"documents": len(ids), "seconds": round(elapsed, 1)}
 
 
-def api_search(base_url: str, api_key: str | None, mode: str) -> Callable[[str], list[dict]]:
+def api_search(
+    base_url: str, api_key: str | None, mode: str, k: int = K
+) -> Callable[[str], list[dict]]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     http = httpx.Client(base_url=base_url, headers=headers, timeout=60)
 
     def search(query: str) -> list[dict[str, Any]]:
-        response = http.post("/api/v1/search", json={"query": query, "k": K, "mode": mode})
+        response = http.post("/api/v1/search", json={"query": query, "k": k, "mode": mode})
         response.raise_for_status()
         body = response.json()
         return body["hits"] if isinstance(body, dict) else body
@@ -205,6 +208,7 @@ def run_api(
     api_key: str | None,
     modes: list[str],
     concurrency: int = 2,
+    sweep: bool = False,
 ) -> dict[str, Any]:
     from morag.client import MoragClient
 
@@ -221,11 +225,59 @@ def run_api(
         for mode in modes:
             results["modes"][mode] = evaluate(data["queries"], api_search(url, api_key, mode))
             print(f"{mode}: {_line(results['modes'][mode])}", flush=True)
+        if sweep:
+            results["sweep"] = sweep_fusion(data["queries"], url, api_key)
         return results
     finally:
         if service is not None:
             service.stop(timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the fusion's parameters ----------------------------------------------------------------
+SWEEP_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+SWEEP_DEPTHS = (20, 50, 100)
+
+
+def sweep_fusion(queries: list[dict[str, Any]], url: str, api_key: str | None) -> list[dict]:
+    """Hybrid recall@10 and MRR@10 for each keyword weight and candidate depth: both
+    rankings are fetched once through the API (``k`` 100) and fused here by the store's own
+    ``fuse``, on all queries and on each half (even and odd ids) to show the choice is not
+    fitted to one of them."""
+    from morag.services.search.store import fuse
+
+    vector, keyword = (
+        api_search(url, api_key, "vector", k=100),
+        api_search(url, api_key, "keyword", k=100),
+    )
+    fetched = [(q, vector(q["query"]), keyword(q["query"])) for q in queries]
+    rows = []
+    for depth in SWEEP_DEPTHS:
+        for weight in SWEEP_WEIGHTS:
+            ranks: dict[str, list[int | None]] = {"all": [], "even": [], "odd": []}
+            for query, v_hits, k_hits in fetched:
+                by_key = {(h["document_id"], h["chunk_index"]): h for h in v_hits + k_hits}
+                rankings = [
+                    [(h["document_id"], h["chunk_index"]) for h in hits[:depth]]
+                    for hits in (v_hits, k_hits)
+                ]
+                scores = fuse(rankings, weights=(1.0, weight))
+                top = sorted(scores, key=lambda key: -scores[key])[:K]
+                rank = first_relevant_rank([by_key[key] for key in top], query["targets"])
+                ranks["all"].append(rank)
+                ranks["even" if query["id"] % 2 == 0 else "odd"].append(rank)
+            row: dict[str, Any] = {"depth": depth, "keyword_weight": weight}
+            row.update({part: metrics(r) for part, r in ranks.items()})
+            rows.append(row)
+            print(
+                f"sweep depth {depth} weight {weight}: "
+                + "  ".join(
+                    f"{part} {row[part]['recall']:.3f}/{row[part]['mrr']:.3f}"
+                    for part in ("all", "even", "odd")
+                ),
+                flush=True,
+            )
+    return rows
 
 
 # -- in-process: the raw model, brute force ----------------------------------------------------
@@ -297,6 +349,9 @@ def main() -> None:
     )
     parser.add_argument("--model-path", help="with --in-process: a model directory")
     parser.add_argument("--limit", type=int, default=0, help="only the first N queries")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also fuse at several keyword weights and depths"
+    )
     parser.add_argument("--set", type=Path, default=EVAL_SET)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -314,7 +369,9 @@ def main() -> None:
     if args.in_process:
         results = run_in_process(data, docs, args.model_path)
     else:
-        results = run_api(data, docs, args.url, args.api_key, args.modes.split(","))
+        results = run_api(
+            data, docs, args.url, args.api_key, args.modes.split(","), sweep=args.sweep
+        )
     results["set"] = {
         "file": str(args.set.relative_to(ROOT) if args.set.is_relative_to(ROOT) else args.set),
         "package": data["package"],

@@ -847,6 +847,7 @@ class JobStore:
                 json.dumps(last_report.metadata) if last_report.metadata else "",
                 last_report.at.timestamp(),
             ]
+        details: list[str | bytes]
         if state is TaskStatus.SUCCESS:
             details = [json.dumps(summary or {}), json.dumps(result or {})]
         elif state is TaskStatus.FAILURE:

@@ -22,7 +22,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +53,7 @@ KEYWORD_WEIGHT = 0.5
 TS_CONFIG = "english"
 _UNDEFINED_TABLE = "42P01"
 _T = TypeVar("_T")
+_Id = TypeVar("_Id", bound=Hashable)
 
 
 @dataclass
@@ -134,11 +135,11 @@ def vector_literal(vector: Sequence[float] | np.ndarray) -> str:
 
 
 def fuse(
-    rankings: Sequence[Sequence[int]], weights: Sequence[float] = (), k: int = RRF_K
-) -> dict[int, float]:
+    rankings: Sequence[Sequence[_Id]], weights: Sequence[float] = (), k: int = RRF_K
+) -> dict[_Id, float]:
     """Weighted reciprocal rank fusion: each id's sum of weight / (k + rank) over the
     rankings (1-based; weights default to 1)."""
-    scores: dict[int, float] = {}
+    scores: dict[_Id, float] = {}
     for index, ranking in enumerate(rankings):
         weight = weights[index] if index < len(weights) else 1.0
         for rank, item in enumerate(ranking, 1):
