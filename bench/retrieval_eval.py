@@ -36,6 +36,7 @@ figures (rule 1 alone) are reported beside them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -235,15 +236,16 @@ def run_api(
 
 
 # -- the fusion's parameters ----------------------------------------------------------------
-SWEEP_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-SWEEP_DEPTHS = (20, 50, 100)
+SWEEP_RRF_K = (5, 20, 60)
+SWEEP_WEIGHTS = (0.0, 0.2, 0.3, 0.5, 1.0)
+SWEEP_DEPTHS = (50, 100)
 
 
 def sweep_fusion(queries: list[dict[str, Any]], url: str, api_key: str | None) -> list[dict]:
-    """Hybrid recall@10 and MRR@10 for each keyword weight and candidate depth: both
-    rankings are fetched once through the API (``k`` 100) and fused here by the store's own
-    ``fuse``, on all queries and on each half (even and odd ids) to show the choice is not
-    fitted to one of them."""
+    """Hybrid recall@10 and MRR@10 for each RRF constant, keyword weight and candidate
+    depth (weight 0 is the vector ranking alone): both rankings are fetched once through
+    the API (``k`` 100) and fused here by the store's own ``fuse``, on all queries and on
+    each half (even and odd ids), to show a choice is not fitted to one of them."""
     from morag.services.search.store import fuse
 
     vector, keyword = (
@@ -251,33 +253,62 @@ def sweep_fusion(queries: list[dict[str, Any]], url: str, api_key: str | None) -
         api_search(url, api_key, "keyword", k=100),
     )
     fetched = [(q, vector(q["query"]), keyword(q["query"])) for q in queries]
+    _keep_rankings(fetched)
     rows = []
-    for depth in SWEEP_DEPTHS:
-        for weight in SWEEP_WEIGHTS:
-            ranks: dict[str, list[int | None]] = {"all": [], "even": [], "odd": []}
-            for query, v_hits, k_hits in fetched:
-                by_key = {(h["document_id"], h["chunk_index"]): h for h in v_hits + k_hits}
-                rankings = [
-                    [(h["document_id"], h["chunk_index"]) for h in hits[:depth]]
-                    for hits in (v_hits, k_hits)
-                ]
-                scores = fuse(rankings, weights=(1.0, weight))
-                top = sorted(scores, key=lambda key: -scores[key])[:K]
-                rank = first_relevant_rank([by_key[key] for key in top], query["targets"])
-                ranks["all"].append(rank)
-                ranks["even" if query["id"] % 2 == 0 else "odd"].append(rank)
-            row: dict[str, Any] = {"depth": depth, "keyword_weight": weight}
-            row.update({part: metrics(r) for part, r in ranks.items()})
-            rows.append(row)
-            print(
-                f"sweep depth {depth} weight {weight}: "
-                + "  ".join(
-                    f"{part} {row[part]['recall']:.3f}/{row[part]['mrr']:.3f}"
-                    for part in ("all", "even", "odd")
-                ),
-                flush=True,
-            )
+    for rrf_k, depth, weight in itertools.product(SWEEP_RRF_K, SWEEP_DEPTHS, SWEEP_WEIGHTS):
+        ranks: dict[str, list[int | None]] = {"all": [], "even": [], "odd": []}
+        for query, v_hits, k_hits in fetched:
+            by_key = {(h["document_id"], h["chunk_index"]): h for h in v_hits + k_hits}
+            rankings = [
+                [(h["document_id"], h["chunk_index"]) for h in hits[:depth]]
+                for hits in (v_hits, k_hits)
+            ]
+            scores = fuse(rankings, weights=(1.0, weight), k=rrf_k)
+            top = sorted(scores, key=lambda key: -scores[key])[:K]
+            rank = first_relevant_rank([by_key[key] for key in top], query["targets"])
+            ranks["all"].append(rank)
+            ranks["even" if query["id"] % 2 == 0 else "odd"].append(rank)
+        row: dict[str, Any] = {"rrf_k": rrf_k, "depth": depth, "keyword_weight": weight}
+        row.update({part: metrics(r) for part, r in ranks.items()})
+        rows.append(row)
+        print(
+            f"sweep rrf_k {rrf_k} depth {depth} weight {weight}: "
+            + "  ".join(
+                f"{part} {row[part]['recall']:.3f}/{row[part]['mrr']:.3f}"
+                for part in ("all", "even", "odd")
+            ),
+            flush=True,
+        )
     return rows
+
+
+def _keep_rankings(fetched: list[tuple[dict[str, Any], list[dict], list[dict]]]) -> None:
+    """Both rankings of every query, each hit as [document, chunk, score, relevant,
+    page-relevant], in bench/results/tmp (not committed): other fusions can be tried on
+    them without ingesting again."""
+    out = []
+    for query, *rankings in fetched:
+        out.append(
+            {
+                "id": query["id"],
+                "rankings": [
+                    [
+                        [
+                            h["document_id"],
+                            h["chunk_index"],
+                            h["score"],
+                            first_relevant_rank([h], query["targets"], k=1) is not None,
+                            first_relevant_rank([h], query["targets"], 1, True) is not None,
+                        ]
+                        for h in hits
+                    ]
+                    for hits in rankings
+                ],
+            }
+        )
+    path = ROOT / "bench" / "results" / "tmp" / "retrieval-rankings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
 
 
 # -- in-process: the raw model, brute force ----------------------------------------------------

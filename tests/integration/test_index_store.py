@@ -17,6 +17,7 @@ from morag.core.embedded_postgres import EmbeddedPostgres
 from morag.core.errors import TransientError
 from morag.services.search.store import (
     KEYWORD_WEIGHT,
+    RRF_K,
     ChunkRow,
     DocumentRecord,
     IndexStore,
@@ -93,7 +94,8 @@ def test_vector_keyword_and_hybrid_search_find_the_right_chunk(store: IndexStore
 
     fused = hybrid(near, words, 2)
     assert fused[0].chunk_index == 1
-    assert fused[0].score == pytest.approx((1 + KEYWORD_WEIGHT) / 61)  # first in both rankings
+    # first in both rankings
+    assert fused[0].score == pytest.approx((1 + KEYWORD_WEIGHT) / (RRF_K + 1))
 
 
 def test_replacing_a_document_leaves_only_its_new_chunks(store: IndexStore) -> None:
