@@ -434,7 +434,7 @@ def _through_jobs(bench: Bench, client: Any, paths: list[Path], rep: int) -> dic
 
     redis = bench.client()
     started = time.time()
-    stage_seconds, write_seconds, doc_ids, last = [], [], [], 0.0
+    stage_seconds, doc_ids, last = [], [], 0.0
     for path in paths:
         # A new line per repetition: new content, so a job of its own (no dedupe).
         body = path.read_bytes() + f"\n\nrepetition {rep}\n".encode()
@@ -446,16 +446,12 @@ def _through_jobs(bench: Bench, client: Any, paths: list[Path], rep: int) -> dic
         if counts.get(b"success") != 1:
             raise RuntimeError(f"job {task_id} did not succeed: {counts}")
         events = redis.lrange(f"{bench.morag_ns}:job:{task_id}:history", 0, -1)
-        stamps = [(e.get("stage"), _ts(e["ts"])) for e in map(json.loads, events)]
-        begin = min(ts for stage, ts in stamps if stage == "embedding")
-        writing = min(ts for stage, ts in stamps if stage == "indexing")
+        begin = min(_ts(e["ts"]) for e in map(json.loads, events) if e.get("stage") == "embedding")
         stage_seconds.append(last - begin)
-        write_seconds.append(last - writing)
         status = client.get(f"/api/v1/status/{task_id}").json()
         doc_ids.append(status["result"]["document_id"])
     return {
         "stage_seconds": sum(stage_seconds),
-        "write_seconds": sum(write_seconds),  # from the 'indexing' stage to finished_at
         "wall_seconds": last - started,
         "document_ids": doc_ids,
     }
@@ -498,7 +494,6 @@ def _jobs_vs_model(bench: Bench, cfg: dict[str, Any], store: Any, embedder: Any)
     jobs_rate: list[float] = []
     model_rate: list[float] = []
     wall_rate: list[float] = []
-    write_share: list[float] = []
     chunk_total = 0
     try:
         _through_jobs(bench, client, paths[:2], rep=-1)  # warm-up: the child's first job
@@ -512,7 +507,6 @@ def _jobs_vs_model(bench: Bench, cfg: dict[str, Any], store: Any, embedder: Any)
                     chunk_total = sum(len(t) for t in texts)
                     jobs_rate.append(chunk_total / done["stage_seconds"])
                     wall_rate.append(chunk_total / done["wall_seconds"])
-                    write_share.append(done["write_seconds"] / done["stage_seconds"])
                 else:
                     seconds = _raw_model(embedder, texts, 32)
                     model_rate.append(sum(len(t) for t in texts) / seconds)
@@ -539,15 +533,8 @@ def _jobs_vs_model(bench: Bench, cfg: dict[str, Any], store: Any, embedder: Any)
             met=ratio["median"] is not None and ratio["median"] >= 0.9,
             notes="jobs: Σ chunks / Σ (finished_at − first 'embedding' event) over the jobs, "
             "uploaded one at a time through the API; end to end, processing included: "
-            f"{summary(wall_rate, 2)['median']} chunks/s (first upload to last end). Share of "
-            "the jobs' time from the 'indexing' stage (the index write and the final record "
-            f"write) to finished_at: {summary(write_share, 3)['median']}.",
-            details={
-                "jobs": jobs_rate,
-                "model": model_rate,
-                "end_to_end": wall_rate,
-                "write_share": write_share,
-            },
+            f"{summary(wall_rate, 2)['median']} chunks/s (first upload to last end).",
+            details={"jobs": jobs_rate, "model": model_rate, "end_to_end": wall_rate},
         ),
         Row(
             key="s8",
