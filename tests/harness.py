@@ -276,17 +276,30 @@ def system_tool(names: tuple[str, ...], package: str) -> str:
 
 
 @contextlib.contextmanager
-def serve_page(body: bytes, content_type: str = "text/html; charset=utf-8") -> Iterator[str]:
-    """``body`` served to every GET on 127.0.0.1 (a web job's input); yields the base URL."""
+def serve_page(
+    body: bytes | None = None,
+    content_type: str = "text/html; charset=utf-8",
+    routes: dict[str, tuple[str, bytes]] | None = None,
+) -> Iterator[str]:
+    """Pages served on 127.0.0.1 (a web or media job's input); yields the base URL.
+
+    ``routes`` maps a path to its (content type, body); any other path gets ``body``, or a
+    404 without one."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            page = (routes or {}).get(self.path) or (
+                (content_type, body) if body is not None else None
+            )
+            if page is None:
+                self.send_error(404)
+                return
             self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", page[0])
+            self.send_header("Content-Length", str(len(page[1])))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(page[1])
 
         def log_message(self, *args: Any) -> None:
             pass  # the test's output, not a request log

@@ -7,9 +7,7 @@ The media are served from 127.0.0.1 (the test settings exempt loopback from the 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import RunningApi
 from tests.e2e.test_api import INGEST, STATUS, wait_final
-from tests.harness import wait_for
+from tests.harness import serve_page, wait_for
 from tests.samples import SPEECH, make_video
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -40,27 +38,8 @@ def media_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "/page.mp3": ("text/html; charset=utf-8", b"<!doctype html><p>not a recording</p>"),
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path not in routes:
-                self.send_error(404)
-                return
-            content_type, body = routes[self.path]
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_page(routes=routes) as base:
+        yield base
 
 
 def submit(client: httpx.Client, url: str, source_type: str, **extra: object) -> str:
