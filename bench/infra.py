@@ -84,6 +84,24 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_answering(
+        self, url: str, timeout: float, what: str, interval: float = 0.1, probe: float = 0.5
+    ) -> None:
+        """Wait until ``url`` answers 200; raise with the log's tail if the process exits."""
+        import httpx
+
+        def answering() -> bool:
+            if not self.alive():
+                return True
+            try:
+                return httpx.get(url, timeout=probe).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answering, timeout, what, interval=interval)
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited:\n{self.log()[-3000:]}")
+
     def children(self) -> list[int]:
         import psutil
 
@@ -286,29 +304,16 @@ class Bench:
 
     def start_api(self, **overrides: str) -> tuple[Service, str]:
         """``morag api`` on a free port of 127.0.0.1; returns it and its base URL."""
-        import httpx
 
         port = free_port()
         env = self.child_env(self.morag_env(api_host="127.0.0.1", api_port=str(port), **overrides))
         service = self._start(f"api-{port}", [sys.executable, "-m", "morag.cli", "api"], env)
         base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if not service.alive():
-                return True
-            try:
-                return httpx.get(f"{base}/health", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "the API to answer", interval=0.1)
-        if not service.alive():
-            raise RuntimeError(f"the API exited:\n{service.log()[-3000:]}")
+        service.wait_answering(f"{base}/health", 60, "the API to answer")
         return service, base
 
     def start_flower(self) -> tuple[Service, str]:
         """Flower on morag's app (its unauthenticated API on 127.0.0.1 only)."""
-        import httpx
 
         port = free_port()
         env = self.child_env({**self.morag_env(), "FLOWER_UNAUTHENTICATED_API": "true"})
@@ -327,18 +332,7 @@ class Bench:
             env,
         )
         base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if not service.alive():
-                return True
-            try:
-                return httpx.get(f"{base}/healthcheck", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "Flower to answer", interval=0.1)
-        if not service.alive():
-            raise RuntimeError(f"Flower exited:\n{service.log()[-3000:]}")
+        service.wait_answering(f"{base}/healthcheck", 60, "Flower to answer")
         return service, base
 
     def stop(self, service: Service) -> None:

@@ -163,9 +163,8 @@ def api_search(
 def start_morag(tmp: Path, concurrency: int) -> tuple[Any, str]:
     """``morag up`` (embedded Redis and index, a worker, the API) on a free loopback port,
     its data in ``tmp``; returns the process and the API's base URL once it is ready."""
-    import httpx
 
-    from bench.infra import Service, free_port, wait_for
+    from bench.infra import Service, free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_")}
@@ -187,18 +186,7 @@ def start_morag(tmp: Path, concurrency: int) -> tuple[Any, str]:
     (tmp / "logs").mkdir(parents=True, exist_ok=True)
     service = Service("morag-up", argv, env, tmp / "logs")
     base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not service.alive():
-            return True
-        try:
-            return httpx.get(f"{base}/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 300, "morag up to be ready", interval=0.5)
-    if not service.alive():
-        raise RuntimeError(f"morag up exited:\n{service.log()[-3000:]}")
+    service.wait_answering(f"{base}/health/ready", 300, "morag up to be ready", 0.5, probe=2)
     return service, base
 
 
