@@ -62,7 +62,6 @@ VECTOR_CACHE = ROOT / "bench" / "results" / "tmp"
 WINDOW = 12  # words per passage, consecutive and not overlapping
 CHUNKS_PER_DOCUMENT = 100
 K = 10
-HYBRID_DEPTH = 50  # services/search HYBRID_CANDIDATES
 
 
 def corpus_words() -> list[str]:
@@ -136,11 +135,12 @@ class ExactSearch:
         return self.keyword_store.keyword_search(OWNER, text, k, SearchFilters())
 
     def hybrid(self, query: np.ndarray, text: str, k: int) -> list[tuple[int, float]]:
-        from morag.services.search.store import fuse
+        from morag.services.search import HYBRID_CANDIDATES as HYBRID_DEPTH
+        from morag.services.search.store import KEYWORD_WEIGHT, fuse
 
         vector_ids = [int(i) for i in self.vector(query, HYBRID_DEPTH)]
         keyword_ids = [-h.chunk_id for h in self.keyword(text, HYBRID_DEPTH)]
-        scores = fuse([vector_ids, keyword_ids])
+        scores = fuse([vector_ids, keyword_ids], weights=(1.0, KEYWORD_WEIGHT))
         return sorted(scores.items(), key=lambda item: -item[1])[:k]
 
 
@@ -212,6 +212,7 @@ def run_search(bench: Bench, cfg: dict[str, Any]) -> list[Row]:
     if not CORPUS.is_dir():
         return [skipped("s", "search", f"{CORPUS} missing (apt-get install python3.11-doc)")]
     from morag.processors.embedding import load_embedder
+    from morag.services.search import HYBRID_CANDIDATES as HYBRID_DEPTH
     from morag.services.search.store import IndexStore, SearchFilters, hybrid
 
     n_chunks, n_queries, reps = cfg["search_chunks"], cfg["search_queries"], cfg["reps"]
