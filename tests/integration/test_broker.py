@@ -10,6 +10,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
 
 from morag.core.broker import Transport, UnixSocketTransport, transport_for
 from morag.core.celery_app import celery_config, create_celery_app
@@ -123,3 +124,45 @@ def test_closing_a_collected_connection_keeps_its_unacked_messages(namespace: st
 
     direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
     assert direct.hlen(f"{prefix}unacked") == 1, "the message waits in the unacked hash"
+
+
+def test_deliveries_are_recorded_and_acked_as_kombu_does(namespace: str) -> None:
+    """The channel's QoS writes each delivery to kombu's unacked hash and index in one
+    script call, in kombu's own format: kombu restores it, and an ack removes both."""
+    broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
+    queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
+    prefix = f"{namespace}:"
+    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
+    with Connection(
+        broker_url, transport=transport, transport_options={"global_keyprefix": prefix}
+    ) as conn:
+        channel = conn.channel()
+        producer = conn.Producer(channel)
+        for n in range(2):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+        first = queue(channel).get(no_ack=False)
+        assert first is not None and first.payload == {"n": 0}
+        tag = first.delivery_tag
+        assert direct.zscore(f"{prefix}unacked_index", tag) is not None
+        stored, exchange, routing_key = kombu_json.loads(direct.hget(f"{prefix}unacked", tag))
+        assert (stored, exchange, routing_key) == (first._raw, "broker-test", "k")
+
+        # kombu's own restore reads it back onto the queue (its front) and forgets it
+        channel.qos.restore_by_tag(tag)
+        assert direct.hlen(f"{prefix}unacked") == 0
+        assert direct.zcard(f"{prefix}unacked_index") == 0
+
+        # a Redis that lost its scripts (a restart) is sent them again
+        for script in channel.qos._scripts:
+            script.sha = "0" * 40
+        again = queue(channel).get(no_ack=False)
+        assert again is not None and again.payload == {"n": 0}
+        assert again.headers.get("redelivered") is True
+        assert direct.hexists(f"{prefix}unacked", again.delivery_tag)
+        again.ack()
+        assert direct.hlen(f"{prefix}unacked") == 0
+        assert direct.zcard(f"{prefix}unacked_index") == 0
+        second = queue(channel).get(no_ack=False)
+        assert second is not None and second.payload == {"n": 1}
+        second.ack()
+        queue(channel).delete()

@@ -71,10 +71,10 @@ def test_a_script_redis_no_longer_knows_is_loaded_again(
     try:
         store.create("j2", kind="system", queue="celery", task_name="probe")
         unknown = "0" * 40  # as after a restart without the scripts
-        store._start.script.sha = unknown
+        store._start.sha = unknown
         assert store.start("j2", worker="w", lease_seconds=5, max_attempts=3).outcome == "ok"
-        assert store._start.script.sha != unknown
-        store._finish.script.sha = unknown
+        assert store._start.sha != unknown
+        store._finish.sha = unknown
         assert (
             store.finish(
                 "j2", TaskStatus.FAILURE, worker="w", error_type="E", error_message="boom"

@@ -1,4 +1,5 @@
-"""kombu's Redis transport with one reused client per channel.
+"""kombu's Redis transport with one reused client per channel, and each delivery's
+bookkeeping in one script call.
 
 kombu's Redis channel builds a new redis-py client object for every message it publishes
 (tasks, task events) and for every ack (``Channel.conn_or_acquire``). Building one costs
@@ -13,6 +14,13 @@ that followed was fatal to the worker. Here it is a connection error, which the 
 ignores: the messages stay in the unacked hash, and recovery or the visibility timeout
 delivers them again.
 
+With acks on (morag's ``acks_late``), kombu records each delivery in its ``unacked`` hash
+and index, and removes it at the ack, each time in a MULTI/EXEC pipeline: four commands
+for redis-py to pack and parse, twice per job, in the worker's main process. Here each is
+one script call (``QoS``) that writes the same keys and values, as atomically: kombu's
+restores (``restore_by_tag``, the visibility timeout, morag's recovery) read them as
+their own.
+
 Celery is pointed at these classes with its ``broker_transport`` setting
 (``celery_app.celery_config``); nothing else changes. The connection's URI still says
 ``redis://`` or ``redis+socket://`` (not the class path), because tools pick their broker
@@ -22,17 +30,60 @@ supported" for ``morag.core.broker:Transport://``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import redis
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 from kombu.utils.url import maybe_sanitize_url
+
+from morag.core.redis_scripts import DirectScript, lua_string
+
+# ARGV: delivery tag, time (epoch s), the message as kombu keeps it for a restore
+_DELIVERED = """
+redis.call('ZADD', INDEX, ARGV[2], ARGV[1])
+redis.call('HSET', UNACKED, ARGV[1], ARGV[3])
+"""
+# ARGV: delivery tag
+_ACKED = """
+redis.call('ZREM', INDEX, ARGV[1])
+redis.call('HDEL', UNACKED, ARGV[1])
+"""
+
+
+class QoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's ack emulation, its two per-delivery writes each one script call."""
+
+    @cached_property
+    def _scripts(self) -> tuple[DirectScript, DirectScript]:
+        prefix = self.channel.global_keyprefix or ""
+        names = (
+            f"local INDEX = {lua_string(prefix + self.unacked_index_key)}\n"
+            f"local UNACKED = {lua_string(prefix + self.unacked_key)}\n"
+        )
+        return DirectScript(names + _DELIVERED), DirectScript(names + _ACKED)
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        stored = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            self._scripts[0](client, delivery_tag, time.time(), stored)
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's own, without its pipeline
+
+    def ack(self, delivery_tag: str) -> None:
+        with self.channel.conn_or_acquire() as client:
+            self._scripts[1](client, delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    QoS = QoS
     _shared_client: Any = None
 
     @contextmanager

@@ -26,6 +26,7 @@ from kombu.utils import json as kombu_json
 
 from morag.core.keys import RedisKeys
 from morag.core.principals import ANONYMOUS_NAME
+from morag.core.redis_scripts import DirectScript, lua_string
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -350,19 +351,6 @@ return {'ok', tostring(attempts)}
 """
 
 
-def _lua_string(value: str) -> str:
-    """``value`` as a Lua string literal: letters and digits as they are, every other byte
-    escaped (``\\ddd``), so no prefix can break out of it."""
-    return (
-        '"'
-        + "".join(
-            chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\{b:03d}"
-            for b in value.encode()
-        )
-        + '"'
-    )
-
-
 def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
     """Lua defining one store's key names (as core/keys.py makes them) and retention.
 
@@ -375,8 +363,8 @@ def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
     lines = []
     for name in ("job", "history", "lease", "result", "channel"):
         before, after = getattr(keys, name)(mark).split(mark)
-        tail = f" .. {_lua_string(after)}" if after else ""
-        lines.append(f"local function {name}_key(id) return {_lua_string(before)} .. id{tail} end")
+        tail = f" .. {lua_string(after)}" if after else ""
+        lines.append(f"local function {name}_key(id) return {lua_string(before)} .. id{tail} end")
     for name, key in (
         ("OUTBOX", keys.webhook_outbox),
         ("INPUTS_DUE", keys.inputs_due),
@@ -384,7 +372,7 @@ def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
         ("METRICS", keys.metrics),
         ("JOB_INDEX", keys.job_index),
     ):
-        lines.append(f"local {name} = {_lua_string(key)}")
+        lines.append(f"local {name} = {lua_string(key)}")
     lines.append(f"local RETENTION = {int(retention_seconds)}")
     return "\n".join(lines) + "\n"
 
@@ -625,27 +613,6 @@ class ProgressReport:
     metadata: dict[str, Any] | None = None  # the seed's ``update_progress(..., **metadata)``
 
 
-class _JobScript:
-    """A per-job script (start, finish): called with its arguments only, its keys being in
-    its text (``_store_constants``).
-
-    It sends EVALSHA through the client directly: redis-py's ``Script`` adds a tuple copy,
-    an import and two pipeline type checks to each call, a tenth of the pool process's
-    cost of one. A Redis that lost its scripts (a restart) is sent the script again.
-    """
-
-    def __init__(self, client: redis.Redis, source: str) -> None:
-        self.client = client
-        self.script = client.register_script(source)
-
-    def __call__(self, *args: Any) -> Any:
-        try:
-            return self.client.execute_command("EVALSHA", self.script.sha, 0, *args)
-        except redis.exceptions.NoScriptError:
-            self.script.sha = self.client.script_load(self.script.script)
-            return self.client.execute_command("EVALSHA", self.script.sha, 0, *args)
-
-
 class JobStore:
     """Reads and writes job records. One instance per process and settings."""
 
@@ -655,9 +622,9 @@ class JobStore:
         self.retention_seconds = retention_seconds
         self._create = client.register_script(_CREATE)
         constants = _store_constants(self.keys, retention_seconds)
-        self._start = _JobScript(client, constants + _EMIT + _START)
+        self._start = DirectScript(constants + _EMIT + _START)
         self._progress = client.register_script(_PROGRESS)
-        self._finish = _JobScript(client, constants + _EMIT + _FINISH)
+        self._finish = DirectScript(constants + _EMIT + _FINISH)
         self._retry = client.register_script(_RETRY)
         self._cancel = client.register_script(_CANCEL)
         self._keep_lease = client.register_script(_KEEP_LEASE)
@@ -773,6 +740,7 @@ class JobStore:
         """Claim the job for one run: ok, or why it must not run (final, cancelled, busy…)."""
         now = utcnow()
         outcome, detail = self._start(
+            self.redis,
             task_id,
             _iso(now),
             now.timestamp(),
@@ -856,6 +824,7 @@ class JobStore:
             details = [b"", b""]
         now = utcnow()
         outcome, final_state = self._finish(
+            self.redis,
             task_id,
             _iso(now),
             now.timestamp(),

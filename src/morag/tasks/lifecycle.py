@@ -53,9 +53,11 @@ def _configure_structlog(loglevel: Any = None, logger: Any = None, **_: Any) -> 
     if logger is not None:
         escape_stdlib_logs(logger)
     if logging.getLevelName(str(level or settings.log_level).upper()) != logging.DEBUG:
-        # Celery's "Task ... succeeded" line says again what "job finished" says: one line
-        # per job in the pool process (~25 µs each); its warnings and errors still show.
-        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        # Celery's "Task ... received" (main process) and "Task ... succeeded" (pool) lines
+        # say again what the job record and "job finished" say: one line per job and
+        # process (~25 µs each), kept at debug; their warnings and errors still show.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @signals.after_setup_task_logger.connect
