@@ -40,7 +40,9 @@ def discover(base: str) -> dict[str, set[str]]:
 
 def ensure_api(bench: Bench) -> tuple[str, dict[str, set[str]]]:
     if "api_base" not in bench.shared:
-        service, base = bench.start_api()
+        # One key follows every stream of the SSE rows (200): past the per-key limit (100
+        # by default) the rest would be answered 429.
+        service, base = bench.start_api(sse_max_streams_per_owner="1000")
         paths = discover(base)
         bench.shared.update(
             api_service=service,
