@@ -206,3 +206,19 @@ def test_a_store_restart_under_writes_loses_and_duplicates_nothing(tmp_path: Pat
         assert store.chunk_count("o") == 180
     finally:
         server.stop()
+
+
+def test_metadata_postgresql_cannot_hold_is_stored_and_matched_cleaned(store: IndexStore) -> None:
+    """NUL characters, unpaired surrogates and NaN are valid in a request's JSON but not in
+    jsonb: the document is stored with them cleaned, and a filter with the same input
+    (found by the API fuzzer: it answered 500) matches it."""
+    rng = np.random.default_rng(5)
+    owner, v = fresh_owner(), unit(rng, 1)
+    odd = {"a\x00b": "x\x00y", "lone \udb8a": ["\udd1a", float("nan")], "big": 1.5e225}
+    store.replace_document(doc(owner, "doc_odd", **odd), rows(["odd metadata"]), v)
+    stored = store.get_document(owner, "doc_odd")
+    assert stored is not None
+    assert stored.metadata["ab"] == "xy" and stored.metadata["lone \ufffd"] == ["\ufffd", None]
+    assert len(store.keyword_search(owner, "odd", 10, SearchFilters(metadata=odd))) == 1
+    nothing = SearchFilters(metadata={"\x00": {"\udfff": float("inf")}})
+    assert store.keyword_search(owner, "odd", 10, nothing) == []

@@ -258,9 +258,9 @@ class SearchRequest(_Request):
     k: int = Field(10, ge=1, le=100, description="how many hits")
     mode: Literal["hybrid", "vector", "keyword"] = Field(
         "hybrid",
-        description="hybrid: vector and keyword rankings fused by reciprocal rank fusion "
-        "(k=60); vector: nearest chunks by cosine similarity; keyword: full-text ranking "
-        "(ts_rank_cd)",
+        description="hybrid: vector and keyword rankings fused by weighted reciprocal rank "
+        "fusion (docs/search.md); vector: nearest chunks by cosine similarity; keyword: "
+        "full-text ranking (ts_rank_cd)",
     )
     filters: SearchFiltersIn | None = None
 

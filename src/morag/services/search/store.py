@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -326,7 +328,7 @@ class IndexStore:
                     source=_clean(document.source),
                     kind=document.kind,
                     title=_clean(document.title) if document.title else None,
-                    meta=json.dumps(document.metadata, default=str),
+                    meta=_jsonb(document.metadata),
                     content_key=document.content_key,
                     job=document.job_id,
                     count=len(chunks),
@@ -349,7 +351,7 @@ class IndexStore:
                         doc=document.document_id,
                         idx=[c.index for c in chunks],
                         texts=[_clean(c.text) for c in chunks],
-                        metas=[json.dumps(c.metadata, default=str) for c in chunks],
+                        metas=[_jsonb(c.metadata) for c in chunks],
                         embs=[vector_literal(v) for v in vectors],
                     )
 
@@ -555,7 +557,7 @@ def _where(owner: str | None, filters: SearchFilters) -> tuple[str, dict[str, An
         params["doc_ids"] = list(filters.document_ids)
     if filters.metadata:
         where.append("d.metadata @> CAST(:meta AS jsonb)")
-        params["meta"] = json.dumps(filters.metadata)
+        params["meta"] = _jsonb(filters.metadata)
     if filters.created_after is not None:
         where.append("d.created_at >= :after")
         params["after"] = filters.created_after
@@ -568,6 +570,30 @@ def _where(owner: str | None, filters: SearchFilters) -> tuple[str, dict[str, An
 def _clean(text: str) -> str:
     # PostgreSQL text holds no NUL character.
     return text.replace("\x00", "")
+
+
+_NOT_IN_JSONB = re.compile("[\x00\ud800-\udfff]")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as ``jsonb`` can hold it: no NUL character and no unpaired surrogate in any
+    string (key or value; a surrogate becomes U+FFFD), no NaN or infinity (null)."""
+    if isinstance(value, str):
+        return _NOT_IN_JSONB.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_jsonable(str(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _jsonb(value: Any) -> str:
+    """JSON text for a ``jsonb`` parameter. Metadata (the client's, a document's) and the
+    metadata filters of a search go through the same cleaning, so a filter matches what
+    the same input was stored as; PostgreSQL refuses NUL, unpaired surrogates and NaN."""
+    return json.dumps(_jsonable(value), default=str, allow_nan=False)
 
 
 def wait_for_index(store: IndexStore, patience: float, write: Callable[[], _T]) -> _T:
