@@ -14,17 +14,14 @@ morag/kombu ratios are printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 from kombu import Connection, Exchange, Queue
 
-from morag.core.embedded_redis import EmbeddedRedis
+from bench.infra import private_redis
+from bench.stats import print_paired
 
 PREFIX = "ab:"
 
@@ -64,32 +61,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--jobs", type=int, default=2000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis")
-        server.start()
-        try:
-            socket = str(server.socket_path)
-            client = redis.Redis(unix_socket_path=socket)
-            proc = psutil.Process(server.process.pid)  # type: ignore[union-attr]
-            sides = {
-                "kombu": (f"redis+socket://{socket}", None),
-                "morag": (f"socket://{socket}", "morag.core.broker:UnixSocketTransport"),
-            }
-            results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
-            for i in range(args.rounds):
-                order = list(sides) if i % 2 == 0 else list(reversed(sides))
-                for name in order:
-                    url, transport = sides[name]
-                    results[name].append(one_round(url, transport, client, args.jobs, proc))
-        finally:
-            server.stop()
-    for metric in ("client_us", "redis_cpu_us", "commands"):
-        a = statistics.median(r[metric] for r in results["kombu"])
-        b = statistics.median(r[metric] for r in results["morag"])
-        paired = statistics.median(
-            m[metric] / k[metric] for k, m in zip(results["kombu"], results["morag"], strict=True)
-        )
-        print(f"{metric:13s} kombu {a:8.1f}  morag {b:8.1f}  morag/kombu (paired) {paired:.3f}")
+    with private_redis() as (server, client, proc):
+        socket = str(server.socket_path)
+        sides = {
+            "kombu": (f"redis+socket://{socket}", None),
+            "morag": (f"socket://{socket}", "morag.core.broker:UnixSocketTransport"),
+        }
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+        for i in range(args.rounds):
+            order = list(sides) if i % 2 == 0 else list(reversed(sides))
+            for name in order:
+                url, transport = sides[name]
+                results[name].append(one_round(url, transport, client, args.jobs, proc))
+    print_paired(results, "kombu", "morag", ("client_us", "redis_cpu_us", "commands"))
 
 
 if __name__ == "__main__":

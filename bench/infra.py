@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,24 @@ class Service:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
         self._log.close()
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[tuple[Any, redis.Redis, Any]]:
+    """A fresh embedded Redis of an A/B script's own (as ``morag up`` runs it, AOF on):
+    the server, a client on its socket, and its process (for its CPU), stopped after."""
+    import psutil
+
+    from morag.core.embedded_redis import EmbeddedRedis  # imports no settings
+
+    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+        server = EmbeddedRedis(Path(tmp) / "redis")
+        server.start()
+        try:
+            client = redis.Redis(unix_socket_path=str(server.socket_path))
+            yield server, client, psutil.Process(server.process.pid)  # type: ignore[union-attr]
+        finally:
+            server.stop()
 
 
 class Bench:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,8 @@ from typing import Any
 import psutil
 import redis
 
-from morag.core.embedded_redis import EmbeddedRedis
+from bench.infra import private_redis
+from bench.stats import print_paired
 
 
 def load_jobs_module(rev: str, workdir: Path) -> ModuleType:
@@ -99,25 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         old, new = load_jobs_module(args.old, Path(tmp)), load_jobs_module(args.new, Path(tmp))
-        server = EmbeddedRedis(Path(tmp) / "redis")
-        server.start()
-        try:
-            client = redis.Redis(unix_socket_path=str(server.socket_path))
-            proc = psutil.Process(server.process.pid)  # type: ignore[union-attr]
+        with private_redis() as (_, client, proc):
             results: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
             for i in range(args.rounds):
                 order = [("old", old), ("new", new)] if i % 2 == 0 else [("new", new), ("old", old)]
                 for name, mod in order:
                     results[name].append(one_round(mod, client, args.jobs, proc))
-        finally:
-            server.stop()
-    for metric in ("client_us", "redis_cpu_us", "evalsha_us", "inner_calls"):
-        o = statistics.median(r[metric] for r in results["old"])
-        n = statistics.median(r[metric] for r in results["new"])
-        paired = statistics.median(
-            b[metric] / a[metric] for a, b in zip(results["old"], results["new"], strict=True)
-        )
-        print(f"{metric:13s} old {o:8.1f}  new {n:8.1f}  new/old (paired median) {paired:.3f}")
+    print_paired(results, "old", "new", ("client_us", "redis_cpu_us", "evalsha_us", "inner_calls"))
 
 
 if __name__ == "__main__":

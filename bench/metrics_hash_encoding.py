@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import uuid
-from pathlib import Path
 
 import psutil
 import redis
 
-from morag.core.embedded_redis import EmbeddedRedis
+from bench.infra import private_redis
 from morag.services.jobs import JobStore, ProgressReport, TaskStatus, utcnow
 
 
@@ -60,19 +58,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--fields", type=int, default=300)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mh-") as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis")
-        server.start()
-        try:
-            client = redis.Redis(unix_socket_path=str(server.socket_path))
-            proc = psutil.Process(server.process.pid)  # type: ignore[union-attr]
-            results: dict[int, list[tuple[float, float, str]]] = {512: [], 128: []}
-            for i in range(args.rounds):
-                for entries in (512, 128) if i % 2 == 0 else (128, 512):
-                    row = one_round(client, proc, entries, args.fields, args.jobs)
-                    results[entries].append(row)
-        finally:
-            server.stop()
+    with private_redis() as (_, client, proc):
+        results: dict[int, list[tuple[float, float, str]]] = {512: [], 128: []}
+        for i in range(args.rounds):
+            for entries in (512, 128) if i % 2 == 0 else (128, 512):
+                row = one_round(client, proc, entries, args.fields, args.jobs)
+                results[entries].append(row)
     for entries, rows in results.items():
         cpu = statistics.median(r[0] for r in rows)
         evalsha = statistics.median(r[1] for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -36,3 +37,20 @@ def ratio(value: float | None, baseline: float | None, digits: int = 2) -> float
     if value is None or baseline in (None, 0):
         return None
     return round(value / baseline, digits)
+
+
+def print_paired(
+    results: dict[str, list[dict[str, float]]], a: str, b: str, metrics: Sequence[str]
+) -> None:
+    """An A/B's figures: per metric, each side's median over its rounds and the median of
+    the paired b/a ratios (rounds alternate, so a round's pair shared the machine)."""
+    for metric in metrics:
+        median_a = statistics.median(r[metric] for r in results[a])
+        median_b = statistics.median(r[metric] for r in results[b])
+        paired = statistics.median(
+            y[metric] / x[metric] for x, y in zip(results[a], results[b], strict=True)
+        )
+        print(
+            f"{metric:13s} {a} {median_a:8.1f}  {b} {median_b:8.1f}  "
+            f"{b}/{a} (paired median) {paired:.3f}"
+        )
