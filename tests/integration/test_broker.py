@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -12,7 +13,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 
-from morag.core.broker import Transport, UnixSocketTransport, transport_for
+from morag.core.broker import ACK_DELAY_SECONDS, Transport, UnixSocketTransport, transport_for
 from morag.core.celery_app import celery_config, create_celery_app
 from morag.core.config import Settings, redis_url_to_celery
 
@@ -166,3 +167,61 @@ def test_deliveries_are_recorded_and_acked_as_kombu_does(namespace: str) -> None
         assert second is not None and second.payload == {"n": 1}
         second.ack()
         queue(channel).delete()
+
+
+def test_deferred_acks_ride_on_the_next_delivery_or_their_timer(namespace: str) -> None:
+    """With ``defer_acks`` (a worker's event loop), an ack is done for kombu at once but
+    leaves the unacked hash with the next delivery's script call, or when its timer fires;
+    one that could not be written (Redis away) is kept for the next call."""
+    broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
+    queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
+    prefix = f"{namespace}:"
+    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
+    timers: list[tuple[float, Callable[[], None]]] = []
+    with Connection(
+        broker_url, transport=transport, transport_options={"global_keyprefix": prefix}
+    ) as conn:
+        channel = conn.channel()
+        producer = conn.Producer(channel)
+        for n in range(4):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+        channel.qos.defer_acks(lambda delay, callback: timers.append((delay, callback)))
+
+        first = queue(channel).get(no_ack=False)
+        first.ack()
+        assert first.acknowledged and channel.qos.can_consume()
+        assert direct.hexists(f"{prefix}unacked", first.delivery_tag), "not written yet"
+        assert [delay for delay, _ in timers] == [ACK_DELAY_SECONDS], "one timer scheduled"
+
+        second = queue(channel).get(no_ack=False)  # takes the first's ack along
+        assert not direct.hexists(f"{prefix}unacked", first.delivery_tag)
+        assert direct.zscore(f"{prefix}unacked_index", first.delivery_tag) is None
+        assert direct.hexists(f"{prefix}unacked", second.delivery_tag)
+
+        second.ack()
+        assert len(timers) == 1, "a timer is already due"
+        timers.pop()[1]()  # it fires: the ack no delivery took is written alone
+        assert direct.hlen(f"{prefix}unacked") == 0
+        assert direct.zcard(f"{prefix}unacked_index") == 0
+
+        # Redis unreachable when the timer fires: the ack is kept for the next call.
+        third = queue(channel).get(no_ack=False)
+        third.ack()
+        scripts = channel.qos._scripts
+        channel.qos.__dict__["_scripts"] = tuple(_Unreachable() for _ in scripts)
+        timers.pop()[1]()
+        assert direct.hexists(f"{prefix}unacked", third.delivery_tag)
+        channel.qos.__dict__["_scripts"] = scripts
+        fourth = queue(channel).get(no_ack=False)
+        assert not direct.hexists(f"{prefix}unacked", third.delivery_tag)
+        fourth.ack()
+        channel.close()  # the close writes what is left
+        assert direct.hlen(f"{prefix}unacked") == 0
+        queue(conn.channel()).delete()
+
+
+class _Unreachable:
+    """A script call whose Redis is away."""
+
+    def __call__(self, *args: object) -> None:
+        raise redis.ConnectionError("Redis is restarting")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from morag.services.jobs import TaskInfo, TaskStatus
-from morag.services.recovery import should_restore
+from morag.services.recovery import is_left_over, should_restore
 
 NOW = 1_000_000.0
 
@@ -43,3 +43,15 @@ def test_retry_waits_for_its_countdown_plus_grace() -> None:
     assert decide(job(TaskStatus.RETRY, retry_at=retry_at), age=100) is False
     retry_at = datetime.fromtimestamp(NOW - 30, UTC)
     assert decide(job(TaskStatus.RETRY, retry_at=retry_at), age=100) is True
+
+
+def test_an_ended_jobs_message_is_dropped_after_the_grace_period() -> None:
+    def left_over(info: TaskInfo | None, age: float) -> bool:
+        return is_left_over(info, delivered_at=NOW - age, now=NOW, grace_seconds=20)
+
+    for status in (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.REVOKED):
+        assert left_over(job(status), age=5) is False  # its worker acks it in a moment
+        assert left_over(job(status), age=25) is True
+    for status in (TaskStatus.PENDING, TaskStatus.STARTED, TaskStatus.RETRY):
+        assert left_over(job(status), age=86_400) is False
+    assert left_over(None, age=86_400) is False  # no record: restored (should_restore)

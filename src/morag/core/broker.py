@@ -21,6 +21,14 @@ one script call (``QoS``) that writes the same keys and values, as atomically: k
 restores (``restore_by_tag``, the visibility timeout, morag's recovery) read them as
 their own.
 
+In a worker, the ack's write rides on the next delivery's script call (``AckBacklog``):
+a process whose job just finished takes its next message at once, so under load a job
+costs one bookkeeping call, not two. An ack no delivery takes along within
+``ACK_DELAY_SECONDS`` is written on its own. The ack is already done for kombu and Celery
+(the slot is free); only its removal from the ``unacked`` hash waits. Should the worker
+die in that window, the message is delivered again once restored (visibility timeout),
+and its job record, final, lets it end without running: nothing is run twice.
+
 Celery is pointed at these classes with its ``broker_transport`` setting
 (``celery_app.celery_config``); nothing else changes. The connection's URI still says
 ``redis://`` or ``redis+socket://`` (not the class path), because tools pick their broker
@@ -30,13 +38,15 @@ supported" for ``morag.core.broker:Transport://``.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
 import redis
+import structlog
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -45,41 +55,148 @@ from kombu.utils.url import maybe_sanitize_url
 
 from morag.core.redis_scripts import DirectScript, lua_string
 
-# ARGV: delivery tag, time (epoch s), the message as kombu keeps it for a restore
+logger = structlog.get_logger(__name__)
+
+#: How long an ack waits for a delivery to take it along before it is written alone.
+ACK_DELAY_SECONDS = 0.01
+#: Acks written per script call at most (Lua's ``unpack`` has a limit).
+ACKS_PER_CALL = 500
+
+# ARGV: delivery tag, time (epoch s), the message as kombu keeps it for a restore, then
+#       the delivery tags of acks not yet written
 _DELIVERED = """
 redis.call('ZADD', INDEX, ARGV[2], ARGV[1])
 redis.call('HSET', UNACKED, ARGV[1], ARGV[3])
+if #ARGV > 3 then
+  redis.call('ZREM', INDEX, unpack(ARGV, 4))
+  redis.call('HDEL', UNACKED, unpack(ARGV, 4))
+end
 """
-# ARGV: delivery tag
+# ARGV: delivery tags
 _ACKED = """
-redis.call('ZREM', INDEX, ARGV[1])
-redis.call('HDEL', UNACKED, ARGV[1])
+redis.call('ZREM', INDEX, unpack(ARGV))
+redis.call('HDEL', UNACKED, unpack(ARGV))
 """
+
+
+class AckBacklog:
+    """Acks done for kombu but not yet removed from one ``unacked`` hash.
+
+    One per hash and process, not per channel: acks a lost connection could not write
+    are written through the next connection's channel (after a Redis restart), so no
+    finished job's message is left in the hash to be delivered again.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tags: list[str] = []
+        self.flush_scheduled = False
+
+    def take(self) -> list[str]:
+        """Up to ``ACKS_PER_CALL`` of the waiting acks, oldest first."""
+        with self.lock:
+            tags, self.tags = self.tags[:ACKS_PER_CALL], self.tags[ACKS_PER_CALL:]
+            return tags
+
+    def put_back(self, tags: list[str]) -> None:
+        with self.lock:
+            self.tags[:0] = tags
+
+
+_backlogs: dict[str, AckBacklog] = {}
+_backlogs_lock = threading.Lock()
+
+
+def ack_backlog(index_key: str) -> AckBacklog:
+    with _backlogs_lock:
+        return _backlogs.setdefault(index_key, AckBacklog())
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
-    """kombu's ack emulation, its two per-delivery writes each one script call."""
+    """kombu's ack emulation, its per-delivery writes each one script call, an ack's
+    write taken along by the next delivery's once ``defer_acks`` is called."""
+
+    #: ``call_later(seconds, callback)`` of the worker's event loop; None: acks are
+    #: written at once (a client outside a worker, or a pool without an event loop).
+    _call_later: Callable[[float, Callable[[], None]], Any] | None = None
+
+    @cached_property
+    def _prefixed_index_key(self) -> str:
+        return (self.channel.global_keyprefix or "") + self.unacked_index_key
 
     @cached_property
     def _scripts(self) -> tuple[DirectScript, DirectScript]:
         prefix = self.channel.global_keyprefix or ""
         names = (
-            f"local INDEX = {lua_string(prefix + self.unacked_index_key)}\n"
+            f"local INDEX = {lua_string(self._prefixed_index_key)}\n"
             f"local UNACKED = {lua_string(prefix + self.unacked_key)}\n"
         )
         return DirectScript(names + _DELIVERED), DirectScript(names + _ACKED)
 
+    @cached_property
+    def _backlog(self) -> AckBacklog:
+        return ack_backlog(self._prefixed_index_key)
+
+    def defer_acks(self, call_later: Callable[[float, Callable[[], None]], Any]) -> None:
+        """Let deliveries take acks along (``call_later`` writes the ones left over)."""
+        self._call_later = call_later
+        self._backlog.flush_scheduled = False  # a timer of the last connection may be gone
+        try:
+            self.flush_acks()  # those a lost connection left (a Redis restart)
+        except redis.RedisError as exc:
+            logger.warning("acks not written yet: Redis unreachable", error=str(exc))
+
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         stored = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.channel.conn_or_acquire() as client:
-            self._scripts[0](client, delivery_tag, time.time(), stored)
+        acked = self._backlog.take()
+        try:
+            with self.channel.conn_or_acquire() as client:
+                self._scripts[0](client, delivery_tag, time.time(), stored, *acked)
+        except BaseException:
+            self._backlog.put_back(acked)
+            raise
         virtual.QoS.append(self, message, delivery_tag)  # kombu's own, without its pipeline
 
     def ack(self, delivery_tag: str) -> None:
-        with self.channel.conn_or_acquire() as client:
-            self._scripts[1](client, delivery_tag)
+        if self._call_later is None:
+            with self.channel.conn_or_acquire() as client:
+                self._scripts[1](client, delivery_tag)
+        else:
+            backlog = self._backlog
+            with backlog.lock:
+                backlog.tags.append(delivery_tag)
+                schedule, backlog.flush_scheduled = not backlog.flush_scheduled, True
+            if schedule:
+                self._call_later(ACK_DELAY_SECONDS, self._scheduled_flush)
         virtual.QoS.ack(self, delivery_tag)
+
+    def _scheduled_flush(self) -> None:
+        self._backlog.flush_scheduled = False
+        try:
+            self.flush_acks()
+        except redis.RedisError as exc:  # kept: the next delivery or flush writes them
+            logger.warning("acks not written yet: Redis unreachable", error=str(exc))
+
+    def flush_acks(self) -> None:
+        """Write the acks no delivery has taken along (raises if Redis is unreachable;
+        they are kept for the next try)."""
+        while acked := self._backlog.take():
+            try:
+                with self.channel.conn_or_acquire() as client:
+                    self._scripts[1](client, *acked)
+            except BaseException:
+                self._backlog.put_back(acked)
+                raise
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """At the channel's close: the acks waiting are written first, when Redis can be
+        reached (else the next connection's channel writes them)."""
+        try:
+            self.flush_acks()
+        except redis.RedisError as exc:
+            logger.warning("acks not written at close: Redis unreachable", error=str(exc))
+        return super().restore_unacked_once(stderr)
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]

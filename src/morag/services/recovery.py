@@ -47,6 +47,19 @@ LOST_LOOKBACK = 24 * 3600.0  # jobs created this long ago at most are looked at
 LOST_SWEEP_LIMIT = 20_000  # jobs looked at per sweep
 
 
+def is_left_over(
+    job: TaskInfo | None, *, delivered_at: float, now: float, grace_seconds: float
+) -> bool:
+    """Whether an unacked message is a finished job's that its worker will never ack.
+
+    A live worker acks a job's message a few milliseconds after the job ended (acks wait
+    for the next delivery, core/broker.py); one that died in between leaves the message
+    behind, to be delivered again only after the visibility timeout (hours), and counted
+    as in flight until then. Past the grace period it is dropped: its job is final.
+    """
+    return job is not None and job.status in FINAL_STATES and now - delivered_at > grace_seconds
+
+
 def should_restore(
     job: TaskInfo | None, *, leased: bool, delivered_at: float, now: float, grace_seconds: float
 ) -> bool:
@@ -198,6 +211,18 @@ class RecoveryLoop:
                 if not task_id:
                     continue
                 job = self.store.get(task_id)
+                if is_left_over(
+                    job, delivered_at=delivered_at, now=now, grace_seconds=self.grace_seconds
+                ):
+                    pipe = client.pipeline()  # kombu's client: it prefixes these keys
+                    pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
+                    pipe.execute()
+                    logger.info(
+                        "dropped the message of an ended job that its worker never acked",
+                        task_id=task_id,
+                        state=job.status.value if job else "unknown",
+                    )
+                    continue
                 leased = self.store.has_lease(task_id)
                 if leased:
                     self._unleased_since.pop(tag, None)
