@@ -3,6 +3,9 @@ prefix works, and a Redis that lost its scripts is sent them again."""
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
 import redis
 
 from morag.services.jobs import JobStore, ProgressReport, TaskStatus, utcnow
@@ -86,4 +89,39 @@ def test_a_script_redis_no_longer_knows_is_loaded_again(
         assert (job.status, job.error_type, job.error) == (TaskStatus.FAILURE, "E", "boom")
     finally:
         for key in redis_client.scan_iter(match=f"{namespace}:reload*"):
+            redis_client.delete(key)
+
+
+def test_a_script_whose_connection_was_closed_is_sent_again_on_a_new_one(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """The start and finish scripts keep one connection each; one that Redis closed (a
+    restart, ``CLIENT KILL``) is replaced and the call goes through. Any other error (a
+    script error) reaches the caller, and the connection is kept."""
+    name = f"kept-{uuid.uuid4().hex[:8]}"
+    kwargs = {**redis_client.connection_pool.connection_kwargs, "client_name": name}
+    client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+    store = JobStore(client, f"{namespace}:kept", retention_seconds=60)
+
+    def kept_ids() -> list[int]:
+        return [c["id"] for c in redis_client.client_list() if c.get("name") == name]
+
+    try:
+        for task_id in ("j3", "j4"):
+            store.create(task_id, kind="system", queue="celery", task_name="probe")
+        assert store.start("j3", worker="w", lease_seconds=5, max_attempts=3).outcome == "ok"
+        kept = store._start._connection
+        assert kept is not None and kept_ids()
+        for client_id in kept_ids():
+            redis_client.execute_command("CLIENT", "KILL", "ID", client_id)
+        assert store.start("j4", worker="w", lease_seconds=5, max_attempts=3).outcome == "ok"
+        assert store._start._connection is not kept
+        again = store._start._connection
+        with pytest.raises(redis.ResponseError):
+            store._start(client)  # no arguments: the script fails on its first line
+        assert store._start._connection is again
+        assert store.start("j3", worker="w", lease_seconds=5, max_attempts=3).outcome == "busy"
+    finally:
+        client.close()
+        for key in redis_client.scan_iter(match=f"{namespace}:kept*"):
             redis_client.delete(key)

@@ -9,6 +9,8 @@ Redis turns each into a Lua string on every call.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from typing import Any
 
 import redis
@@ -30,19 +32,48 @@ def lua_string(value: str) -> str:
 class DirectScript:
     """A script whose keys are in its text, called as ``script(client, *args)``.
 
-    EVALSHA goes straight through the client: redis-py's ``Script`` adds a tuple copy, an
-    import and two pipeline type checks to each call, and kombu's clients (which prefix
-    keys themselves) would take the first argument for a key and prefix it. A Redis that
-    lost its scripts (a restart) is sent the script again.
+    EVALSHA goes over a connection this script keeps (one per process), taken once from
+    the client's pool: redis-py 8's ``execute_command`` takes a pooled connection for
+    each command and checks it with a non-blocking read, records observability figures
+    and wraps the call in its retry closures, which cost a short script call more than
+    its round trip. kombu's clients (which prefix keys themselves) would also take the
+    first argument for a key and prefix it. A broken connection (a Redis restart) is
+    replaced and the call sent once more, as redis-py's default retry does; a Redis that
+    lost its scripts is sent the script again.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._lock = threading.Lock()  # one call at a time on the kept connection
+        self._pid = 0
+        self._pool: Any = None
+        self._connection: Any = None
 
     def __call__(self, client: redis.Redis, *args: Any) -> Any:
-        try:
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
-        except redis.exceptions.NoScriptError:
-            self.sha = client.script_load(self.source)
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
+        with self._lock:
+            try:
+                return self._evalsha(client, args)
+            except redis.exceptions.NoScriptError:
+                self.sha = client.script_load(self.source)
+                return self._evalsha(client, args)
+
+    def _evalsha(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
+        for attempt in (1, 2):
+            connection = self._kept_connection(client)
+            try:
+                connection.send_command("EVALSHA", self.sha, 0, *args)
+                return connection.read_response()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                connection.disconnect()  # its state is unknown: a new one next time
+                self._connection = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _kept_connection(self, client: redis.Redis) -> Any:
+        pool = client.connection_pool
+        if self._connection is None or self._pool is not pool or self._pid != os.getpid():
+            # taken for good: the pool closes it with its other connections
+            self._connection, self._pool, self._pid = pool.get_connection(), pool, os.getpid()
+        return self._connection

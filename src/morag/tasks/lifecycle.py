@@ -162,13 +162,17 @@ celery_app.steps["consumer"].add(TaskEventBatching)
 class DeferredAcks(bootsteps.StartStopStep):  # type: ignore[misc]
     """Let each delivery's bookkeeping write carry the acks before it (core/broker.py):
     one Redis call per job in the main process instead of two. Only with morag's
-    transport and an event loop, whose timer writes an ack no delivery took along."""
+    transport and an event loop, whose timer writes an ack no delivery took along, and a
+    pool that acks in the loop's thread (a thread pool acks from its threads, and the
+    loop's timers are not thread-safe)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+    POOLS_ACKING_IN_THE_LOOP = frozenset({"celery.concurrency.prefork", "celery.concurrency.solo"})
 
     def start(self, c: Any) -> None:
         qos = getattr(getattr(c.task_consumer, "channel", None), "qos", None)
-        if c.hub is not None and isinstance(qos, broker.QoS):
+        in_the_loop = type(c.pool).__module__ in self.POOLS_ACKING_IN_THE_LOOP
+        if c.hub is not None and in_the_loop and isinstance(qos, broker.QoS):
             qos.defer_acks(c.hub.call_later)
 
     def stop(self, c: Any) -> None:
