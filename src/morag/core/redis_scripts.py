@@ -13,6 +13,7 @@ import os
 import threading
 from typing import Any
 
+import hiredis
 import redis
 
 
@@ -36,33 +37,49 @@ class DirectScript:
     the client's pool: redis-py 8's ``execute_command`` takes a pooled connection for
     each command and checks it with a non-blocking read, records observability figures
     and wraps the call in its retry closures, which cost a short script call more than
-    its round trip. kombu's clients (which prefix keys themselves) would also take the
-    first argument for a key and prefix it. A broken connection (a Redis restart) is
-    replaced and the call sent once more, as redis-py's default retry does; a Redis that
-    lost its scripts is sent the script again.
+    its round trip. A call made while another thread is on the kept connection (the
+    API's threads) takes a pooled one instead of waiting. kombu's clients (which prefix
+    keys themselves) would also take the first argument for a key and prefix it.
+    Arguments are packed by hiredis in one C call (redis-py checks and encodes each in
+    Python: 14 µs against 2 for fifteen). A broken connection (a Redis restart) is
+    replaced and the call sent once more, as redis-py's default retry does; a Redis
+    that lost its scripts is sent the script again.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self._lock = threading.Lock()  # one call at a time on the kept connection
+        self._lock = threading.Lock()  # held by the call on the kept connection
         self._pid = 0
         self._pool: Any = None
         self._connection: Any = None
 
     def __call__(self, client: redis.Redis, *args: Any) -> Any:
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            # another thread is on the kept connection (the API's threads): a pooled one
+            return self._evalsha_pooled(client, args)
+        try:
             try:
                 return self._evalsha(client, args)
             except redis.exceptions.NoScriptError:
                 self.sha = client.script_load(self.source)
                 return self._evalsha(client, args)
+        finally:
+            self._lock.release()
+
+    def _evalsha_pooled(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
+        try:
+            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
+        except redis.exceptions.NoScriptError:
+            self.sha = client.script_load(self.source)
+            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
 
     def _evalsha(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
         for attempt in (1, 2):
             connection = self._kept_connection(client)
             try:
-                connection.send_command("EVALSHA", self.sha, 0, *args)
+                packed = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))
+                connection.send_packed_command([packed])
                 return connection.read_response()
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 connection.disconnect()  # its state is unknown: a new one next time

@@ -249,42 +249,40 @@ end
     "{BUCKETS}", "{" + ", ".join(str(b) for b in JOB_SECONDS_BUCKETS) + "}"
 )
 
-# KEYS: job, history, index, owner's index, owners, channel, metrics[, dedupe] | ARGV: id,
-#       ts, score, dedupe mode (join or take_over), dedupe TTL, job key prefix, owner, kind,
-#       then field/value pairs.
+# ARGV: id, ts, score, dedupe key ('' for none), dedupe mode (join or take_over), dedupe
+#       TTL, owner, kind, then field/value pairs (the other keys are the store's:
+#       ``_store_constants``)
 # With a dedupe key (the content of a submission), identical work that is still active
 # (queued, running or waiting to retry, not being cancelled) is answered instead: its id,
 # and nothing is written. Otherwise the key names this job, in the same atomic write.
-_CREATE = (
-    _EMIT
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if KEYS[8] then
-  local current = redis.call('GET', KEYS[8])
-  if current and ARGV[4] == 'join' then
-    local h = redis.call('HMGET', ARGV[6] .. current, 'state', 'cancel_requested_at')
+_CREATE = """
+local JOB = job_key(ARGV[1])
+if redis.call('EXISTS', JOB) == 1 then return 0 end
+local DEDUPE = ARGV[4]
+if DEDUPE ~= '' then
+  local current = redis.call('GET', DEDUPE)
+  if current and ARGV[5] == 'join' then
+    local h = redis.call('HMGET', job_key(current), 'state', 'cancel_requested_at')
     local state = h[1]
     if (state == 'pending' or state == 'started' or state == 'progress' or state == 'retry')
        and not h[2] then
       return current
     end
   end
-  redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[5])
+  redis.call('SET', DEDUPE, ARGV[1], 'EX', ARGV[6])
 end
-local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
+redis.call('HSET', JOB, 'id', ARGV[1], 'owner', ARGV[7], 'state', 'pending',
            'progress', '0', 'stage', 'queued', 'message', 'waiting for a worker',
            'attempts', '0', 'created_at', ARGV[2], 'created_ts', ARGV[3], 'updated_at', ARGV[2],
-           unpack(fields))
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[7])
-redis.call('HINCRBY', KEYS[7], 'c|submitted|' .. ARGV[8] .. '|' .. ARGV[7], 1)
-emit(KEYS[2], KEYS[6], ARGV[2], 'pending', 0, 'queued', 'waiting for a worker', 0, nil)
+           unpack(ARGV, 9))
+redis.call('ZADD', JOB_INDEX, ARGV[3], ARGV[1])
+redis.call('ZADD', owner_jobs_key(ARGV[7]), ARGV[3], ARGV[1])
+redis.call('SADD', OWNERS, ARGV[7])
+redis.call('HINCRBY', METRICS, 'c|submitted|' .. ARGV[8] .. '|' .. ARGV[7], 1)
+emit(history_key(ARGV[1]), channel_key(ARGV[1]), ARGV[2], 'pending', 0, 'queued',
+     'waiting for a worker', 0, nil)
 return 1
 """
-)
 
 # ARGV: id, ts, now (epoch s), worker, lease_ms, max_attempts, kind, queue (the keys are
 #       the store's: ``_store_constants``)
@@ -354,14 +352,14 @@ return {'ok', tostring(attempts)}
 def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
     """Lua defining one store's key names (as core/keys.py makes them) and retention.
 
-    The per-job scripts (start, finish) run on every job; with their keys and constants
+    The per-job scripts (create, start, finish) run on every job; with their keys and constants
     written into their text, the client sends a job's id and what changes per call, not
     nine key names: redis-py packs each argument in Python, and Redis turns each into a
     Lua string on every call.
     """
     mark = "\x00"
     lines = []
-    for name in ("job", "history", "lease", "result", "channel"):
+    for name in ("job", "history", "lease", "result", "channel", "owner_jobs"):
         before, after = getattr(keys, name)(mark).split(mark)
         tail = f" .. {lua_string(after)}" if after else ""
         lines.append(f"local function {name}_key(id) return {lua_string(before)} .. id{tail} end")
@@ -371,6 +369,7 @@ def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
         ("ARTIFACTS_DUE", keys.artifacts_due),
         ("METRICS", keys.metrics),
         ("JOB_INDEX", keys.job_index),
+        ("OWNERS", keys.owners),
     ):
         lines.append(f"local {name} = {lua_string(key)}")
     lines.append(f"local RETENTION = {int(retention_seconds)}")
@@ -620,8 +619,8 @@ class JobStore:
         self.redis = client
         self.keys = RedisKeys(prefix)
         self.retention_seconds = retention_seconds
-        self._create = client.register_script(_CREATE)
         constants = _store_constants(self.keys, retention_seconds)
+        self._create = DirectScript(constants + _EMIT + _CREATE)
         self._start = DirectScript(constants + _EMIT + _START)
         self._progress = client.register_script(_PROGRESS)
         self._finish = DirectScript(constants + _EMIT + _FINISH)
@@ -664,31 +663,17 @@ class JobStore:
             "metadata": json.dumps(metadata or {}),
             **(extra or {}),
         }
-        flat = [item for pair in fields.items() for item in pair]
-        keys = [
-            self.keys.job(task_id),
-            self.keys.history(task_id),
-            self.keys.job_index,
-            self.keys.owner_jobs(owner),
-            self.keys.owners,
-            self.keys.channel(task_id),
-            self.keys.metrics,
-        ]
-        if dedupe_key:
-            keys.append(dedupe_key)
         answer = self._create(
-            keys=keys,
-            args=[
-                task_id,
-                _iso(now),
-                now.timestamp(),
-                "take_over" if take_over else "join",
-                self.retention_seconds,
-                self.keys.job(""),
-                owner,
-                kind,
-                *flat,
-            ],
+            self.redis,
+            task_id,
+            _iso(now),
+            now.timestamp(),
+            dedupe_key or "",
+            "take_over" if take_over else "join",
+            self.retention_seconds,
+            owner,
+            kind,
+            *[item for pair in fields.items() for item in pair],
         )
         if answer == 0:
             return None
