@@ -26,8 +26,8 @@ a process whose job just finished takes its next message at once, so under load 
 costs one bookkeeping call, not two. An ack no delivery takes along within
 ``ACK_DELAY_SECONDS`` is written on its own. The ack is already done for kombu and Celery
 (the slot is free); only its removal from the ``unacked`` hash waits. Should the worker
-die in that window, the message is delivered again once restored (visibility timeout),
-and its job record, final, lets it end without running: nothing is run twice.
+die in that window, the message stays in the hash, and morag's recovery drops it once
+past its grace period, its job being final (services/recovery.py): nothing runs twice.
 
 Celery is pointed at these classes with its ``broker_transport`` setting
 (``celery_app.celery_config``); nothing else changes. The connection's URI still says

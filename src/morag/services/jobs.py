@@ -352,10 +352,10 @@ return {'ok', tostring(attempts)}
 def _store_constants(keys: RedisKeys, retention_seconds: int) -> str:
     """Lua defining one store's key names (as core/keys.py makes them) and retention.
 
-    The per-job scripts (create, start, finish) run on every job; with their keys and constants
-    written into their text, the client sends a job's id and what changes per call, not
-    nine key names: redis-py packs each argument in Python, and Redis turns each into a
-    Lua string on every call.
+    The per-job scripts (create, start, finish) run on every job; with their keys and
+    constants written into their text, the client sends a job's id and what changes per
+    call, not up to nine key names: each argument is packed by the client, and Redis
+    turns each into a Lua string on every call.
     """
     mark = "\x00"
     lines = []
