@@ -30,42 +30,61 @@ def lua_string(value: str) -> str:
     )
 
 
+class _KeptConnection:
+    """The one connection a client's pool lends, for good, to this process's script calls
+    (kept on the pool: as many as there are pools, however many scripts come and go)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the call using it
+        self.pid = os.getpid()
+        self.connection: Any = None
+
+    @staticmethod
+    def of(pool: Any) -> _KeptConnection:
+        kept = getattr(pool, "_morag_kept_connection", None)
+        if kept is None or kept.pid != os.getpid():  # a forked child takes its own
+            with _kept_lock:
+                kept = getattr(pool, "_morag_kept_connection", None)
+                if kept is None or kept.pid != os.getpid():
+                    kept = pool._morag_kept_connection = _KeptConnection()
+        return kept  # type: ignore[no-any-return]
+
+
+_kept_lock = threading.Lock()
+
+
 class DirectScript:
     """A script whose keys are in its text, called as ``script(client, *args)``.
 
-    EVALSHA goes over a connection this script keeps (one per process), taken once from
-    the client's pool: redis-py 8's ``execute_command`` takes a pooled connection for
-    each command and checks it with a non-blocking read, records observability figures
-    and wraps the call in its retry closures, which cost a short script call more than
-    its round trip. A call made while another thread is on the kept connection (the
-    API's threads) takes a pooled one instead of waiting. kombu's clients (which prefix
-    keys themselves) would also take the first argument for a key and prefix it.
-    Arguments are packed by hiredis in one C call (redis-py checks and encodes each in
-    Python: 14 µs against 2 for fifteen). A broken connection (a Redis restart) is
-    replaced and the call sent once more, as redis-py's default retry does; a Redis
-    that lost its scripts is sent the script again.
+    EVALSHA goes over a connection the client's pool lends for good to the script calls
+    of this process: redis-py 8's ``execute_command`` takes a pooled connection for each
+    command and checks it with a non-blocking read, records observability figures and
+    wraps the call in its retry closures, which cost a short script call more than its
+    round trip. A call made while another thread is on that connection (the API's
+    threads) takes a pooled one instead of waiting. kombu's clients (which prefix keys
+    themselves) would also take the first argument for a key and prefix it. Arguments
+    are packed by hiredis in one C call (redis-py checks and encodes each in Python: 14
+    µs against 2 for fifteen). A broken connection (a Redis restart) is replaced and the
+    call sent once more, as redis-py's default retry does; a Redis that lost its
+    scripts is sent the script again.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self._lock = threading.Lock()  # held by the call on the kept connection
-        self._pid = 0
-        self._pool: Any = None
-        self._connection: Any = None
 
     def __call__(self, client: redis.Redis, *args: Any) -> Any:
-        if not self._lock.acquire(blocking=False):
-            # another thread is on the kept connection (the API's threads): a pooled one
+        kept = _KeptConnection.of(client.connection_pool)
+        if not kept.lock.acquire(blocking=False):
             return self._evalsha_pooled(client, args)
         try:
             try:
-                return self._evalsha(client, args)
+                return self._evalsha(kept, client, args)
             except redis.exceptions.NoScriptError:
                 self.sha = client.script_load(self.source)
-                return self._evalsha(client, args)
+                return self._evalsha(kept, client, args)
         finally:
-            self._lock.release()
+            kept.lock.release()
 
     def _evalsha_pooled(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
         try:
@@ -74,23 +93,17 @@ class DirectScript:
             self.sha = client.script_load(self.source)
             return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
 
-    def _evalsha(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
+    def _evalsha(self, kept: _KeptConnection, client: redis.Redis, args: tuple[Any, ...]) -> Any:
+        packed = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))
         for attempt in (1, 2):
-            connection = self._kept_connection(client)
+            if kept.connection is None:
+                # lent for good: the pool closes it with its other connections
+                kept.connection = client.connection_pool.get_connection()
             try:
-                packed = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))
-                connection.send_packed_command([packed])
-                return connection.read_response()
+                kept.connection.send_packed_command([packed])
+                return kept.connection.read_response()
             except (redis.ConnectionError, redis.TimeoutError, OSError):
-                connection.disconnect()  # its state is unknown: a new one next time
-                self._connection = None
+                kept.connection.disconnect()  # its state is unknown: reconnected next time
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    def _kept_connection(self, client: redis.Redis) -> Any:
-        pool = client.connection_pool
-        if self._connection is None or self._pool is not pool or self._pid != os.getpid():
-            # taken for good: the pool closes it with its other connections
-            self._connection, self._pool, self._pid = pool.get_connection(), pool, os.getpid()
-        return self._connection
