@@ -2,8 +2,8 @@
 
 The job record's per-job scripts (services/jobs.py) and the broker's delivery bookkeeping
 (core/broker.py) run several times per job. Written with their keys in their text, a call
-sends what changes per call and nothing else: redis-py packs each argument in Python, and
-Redis turns each into a Lua string on every call.
+sends what changes per call and nothing else: the client packs each argument, and Redis
+turns each into a Lua string on every call.
 """
 
 from __future__ import annotations

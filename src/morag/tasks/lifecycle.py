@@ -10,6 +10,8 @@
 - Task events (Flower, ``celery events``) leave in batches every ``EVENT_FLUSH_SECONDS``
   instead of one publish per event; a recycled pool process sends the task-sent events
   of its retries before it exits (core/sent_events.py).
+- A job's ack is written to Redis with the next delivery's bookkeeping, or after
+  ``ACK_DELAY_SECONDS`` when none comes (core/broker.py).
 - Each worker announces itself (services/workers.py) and restores jobs held by dead
   workers (services/recovery.py) from one maintenance thread, which also hands owed
   webhooks to the worker's delivery threads (services/webhooks.py) and deletes the files
