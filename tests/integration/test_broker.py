@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
@@ -127,20 +129,28 @@ def test_closing_a_collected_connection_keeps_its_unacked_messages(namespace: st
     assert direct.hlen(f"{prefix}unacked") == 1, "the message waits in the unacked hash"
 
 
-def test_deliveries_are_recorded_and_acked_as_kombu_does(namespace: str) -> None:
-    """The channel's QoS writes each delivery to kombu's unacked hash and index in one
-    script call, in kombu's own format: kombu restores it, and an ack removes both."""
+@contextmanager
+def _channel_with_messages(prefix: str, count: int) -> Iterator[tuple[Connection, Any, Queue]]:
+    """A connection through morag's transport (keys under ``prefix``), a channel, and a
+    new queue holding ``count`` messages ``{"n": 0}``, ``{"n": 1}``..."""
     broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
     queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
-    prefix = f"{namespace}:"
-    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
     with Connection(
         broker_url, transport=transport, transport_options={"global_keyprefix": prefix}
     ) as conn:
         channel = conn.channel()
         producer = conn.Producer(channel)
-        for n in range(2):
+        for n in range(count):
             producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+        yield conn, channel, queue
+
+
+def test_deliveries_are_recorded_and_acked_as_kombu_does(namespace: str) -> None:
+    """The channel's QoS writes each delivery to kombu's unacked hash and index in one
+    script call, in kombu's own format: kombu restores it, and an ack removes both."""
+    prefix = f"{namespace}:"
+    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
+    with _channel_with_messages(prefix, 2) as (conn, channel, queue):
         first = queue(channel).get(no_ack=False)
         assert first is not None and first.payload == {"n": 0}
         tag = first.delivery_tag
@@ -173,18 +183,10 @@ def test_deferred_acks_ride_on_the_next_delivery_or_their_timer(namespace: str) 
     """With ``defer_acks`` (a worker's event loop), an ack is done for kombu at once but
     leaves the unacked hash with the next delivery's script call, or when its timer fires;
     one that could not be written (Redis away) is kept for the next call."""
-    broker_url, transport = transport_for(redis_url_to_celery(os.environ["MORAG_REDIS_URL"]))
-    queue = Queue(f"broker-test-{uuid.uuid4().hex[:6]}", Exchange("broker-test"), "k")
     prefix = f"{namespace}:"
     direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
     timers: list[tuple[float, Callable[[], None]]] = []
-    with Connection(
-        broker_url, transport=transport, transport_options={"global_keyprefix": prefix}
-    ) as conn:
-        channel = conn.channel()
-        producer = conn.Producer(channel)
-        for n in range(4):
-            producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+    with _channel_with_messages(prefix, 4) as (conn, channel, queue):
         channel.qos.defer_acks(lambda delay, callback: timers.append((delay, callback)))
 
         first = queue(channel).get(no_ack=False)

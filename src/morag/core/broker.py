@@ -141,10 +141,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         """Let deliveries take acks along (``call_later`` writes the ones left over)."""
         self._call_later = call_later
         self._backlog.flush_scheduled = False  # a timer of the last connection may be gone
-        try:
-            self.flush_acks()  # those a lost connection left (a Redis restart)
-        except redis.RedisError as exc:
-            logger.warning("acks not written yet: Redis unreachable", error=str(exc))
+        self._flush_acks_or_keep()  # those a lost connection left (a Redis restart)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
@@ -159,23 +156,26 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         virtual.QoS.append(self, message, delivery_tag)  # kombu's own, without its pipeline
 
     def ack(self, delivery_tag: str) -> None:
+        backlog = self._backlog
+        with backlog.lock:
+            backlog.tags.append(delivery_tag)
+            schedule = self._call_later is not None and not backlog.flush_scheduled
+            backlog.flush_scheduled |= schedule
         if self._call_later is None:
-            with self.channel.conn_or_acquire() as client:
-                self._scripts[1](client, delivery_tag)
-        else:
-            backlog = self._backlog
-            with backlog.lock:
-                backlog.tags.append(delivery_tag)
-                schedule, backlog.flush_scheduled = not backlog.flush_scheduled, True
-            if schedule:
-                self._call_later(ACK_DELAY_SECONDS, self._scheduled_flush)
+            self.flush_acks()  # no event loop to wait in: written now
+        elif schedule:
+            self._call_later(ACK_DELAY_SECONDS, self._scheduled_flush)
         virtual.QoS.ack(self, delivery_tag)
 
     def _scheduled_flush(self) -> None:
         self._backlog.flush_scheduled = False
+        self._flush_acks_or_keep()
+
+    def _flush_acks_or_keep(self) -> None:
+        """``flush_acks``; with Redis unreachable the acks are kept for the next call."""
         try:
             self.flush_acks()
-        except redis.RedisError as exc:  # kept: the next delivery or flush writes them
+        except redis.RedisError as exc:
             logger.warning("acks not written yet: Redis unreachable", error=str(exc))
 
     def flush_acks(self) -> None:
@@ -192,10 +192,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """At the channel's close: the acks waiting are written first, when Redis can be
         reached (else the next connection's channel writes them)."""
-        try:
-            self.flush_acks()
-        except redis.RedisError as exc:
-            logger.warning("acks not written at close: Redis unreachable", error=str(exc))
+        self._flush_acks_or_keep()
         return super().restore_unacked_once(stderr)
 
 

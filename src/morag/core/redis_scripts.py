@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -76,22 +77,21 @@ class DirectScript:
     def __call__(self, client: redis.Redis, *args: Any) -> Any:
         kept = _KeptConnection.of(client.connection_pool)
         if not kept.lock.acquire(blocking=False):
-            return self._evalsha_pooled(client, args)
+            return self._loaded(
+                client, lambda: redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
+            )
         try:
-            try:
-                return self._evalsha(kept, client, args)
-            except redis.exceptions.NoScriptError:
-                self.sha = client.script_load(self.source)
-                return self._evalsha(kept, client, args)
+            return self._loaded(client, lambda: self._evalsha(kept, client, args))
         finally:
             kept.lock.release()
 
-    def _evalsha_pooled(self, client: redis.Redis, args: tuple[Any, ...]) -> Any:
+    def _loaded(self, client: redis.Redis, call: Callable[[], Any]) -> Any:
+        """``call()``, once more after loading the script into a Redis that lost it."""
         try:
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
+            return call()
         except redis.exceptions.NoScriptError:
             self.sha = client.script_load(self.source)
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, 0, *args)
+            return call()
 
     def _evalsha(self, kept: _KeptConnection, client: redis.Redis, args: tuple[Any, ...]) -> Any:
         packed = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))

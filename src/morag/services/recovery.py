@@ -214,9 +214,7 @@ class RecoveryLoop:
                 if is_left_over(
                     job, delivered_at=delivered_at, now=now, grace_seconds=self.grace_seconds
                 ):
-                    pipe = client.pipeline()  # kombu's client: it prefixes these keys
-                    pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
-                    pipe.execute()
+                    channel.qos._remove_from_indices(tag).execute()  # kombu's, as its ack
                     logger.info(
                         "dropped the message of an ended job that its worker never acked",
                         task_id=task_id,
