@@ -14,7 +14,7 @@ import pytest
 
 from morag.core.config import settings
 from morag.core.errors import NotFoundError
-from morag.services.jobs import TaskStatus, get_job_store
+from morag.services.jobs import TaskInfo, TaskStatus, get_job_store
 from morag.services.task_manager import task_manager
 from morag.tasks.base import (
     process_audio_task,
@@ -162,6 +162,34 @@ def test_running_job_cancelled_stops_within_two_seconds(workers) -> None:
     running = {TaskStatus.STARTED, TaskStatus.PROGRESS, TaskStatus.SUCCESS}
     started = wait_state(follower.id, running, timeout=15)
     assert started.started_at.timestamp() - asked_at < 2.0
+
+
+def test_a_pool_process_recycled_after_its_jobs_is_replaced_at_once(workers) -> None:
+    from morag.core.celery_app import celery_app
+
+    per_process = celery_app.conf.worker_max_tasks_per_child
+    assert per_process == 1000  # the seed's setting
+    worker = workers.start(queues="celery", concurrency=1)
+    first = pool_children(worker.pid)
+    store = get_job_store(settings)
+    ids = [probe.delay().id for _ in range(per_process + 5)]
+
+    def all_ended() -> list[TaskInfo] | None:
+        infos = store.get_many(ids)
+        return [i for i in infos if i] if all(i and i.status.is_final for i in infos) else None
+
+    infos = wait_for(all_ended, 120, f"{len(ids)} jobs to end")
+    assert {i.status for i in infos} == {TaskStatus.SUCCESS}
+    now = pool_children(worker.pid)
+    assert len(now) == 1 and now != first  # the process that ran 1,000 jobs was replaced
+    # Celery's own pool leaves the slot empty until its next maintenance (5 s) when the
+    # process's exit is noticed a moment before it can be reaped: the next job waits.
+    runs = sorted(infos, key=lambda i: i.started_at)
+    longest_wait = max(
+        later.started_at.timestamp() - earlier.finished_at.timestamp()
+        for earlier, later in zip(runs, runs[1:], strict=False)
+    )
+    assert longest_wait < 1.0, longest_wait
 
 
 def test_cancelling_a_finished_job_is_a_no_op(workers) -> None:

@@ -56,6 +56,8 @@ def celery_config(cfg: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Celery's prefork pool, replacing a recycled or terminated process at once.
+        "worker_pool": "morag.tasks.pool:TaskPool",
         "worker_max_tasks_per_child": 1000,
         # Monitoring (Flower, `celery events`).
         "worker_send_task_events": True,

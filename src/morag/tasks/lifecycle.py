@@ -4,9 +4,8 @@
   out of the garbage collector's sight.
 - A job terminated by ``revoke`` ends REVOKED; a job killed by the hard time limit ends
   FAILURE (Celery reports both in the worker's main process, where the task never ran).
-- The pool looks for exited processes ten times a second, so a terminated or recycled
-  process is replaced at once; the main process freezes what it loaded, so forking a
-  replacement costs no copy-on-write storm.
+- The main process freezes what it loaded, so forking a replacement pool process costs
+  no copy-on-write storm (the pool replaces an exited process at once: tasks/pool.py).
 - Task events (Flower, ``celery events``) leave in batches every ``EVENT_FLUSH_SECONDS``
   instead of one publish per event; a recycled pool process sends the task-sent events
   of its retries before it exits (core/sent_events.py).
@@ -198,38 +197,6 @@ def _record_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     logger.info("job revoked", task_id=request.id, terminated=terminated)
 
 
-class FrequentPoolMaintenance(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Look for exited pool processes every ``POOL_MAINTENANCE_SECONDS``, not every 5 s.
-
-    The prefork pool replaces a process that exited only if it is already reapable when
-    its exit is noticed; otherwise at its next maintenance, every 5 s. Until then its slot
-    stays empty, and a job handed to it just before it left waits (celery/celery#9588).
-    That happens after ``revoke(terminate=True)`` and when a process is recycled after
-    ``worker_max_tasks_per_child`` jobs. Looking often (a ``waitpid`` per process) closes
-    both.
-    """
-
-    requires = ("celery.worker.consumer.connection:Connection",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self._timer: Any = None
-
-    def start(self, c: Any) -> None:
-        maintain = getattr(c.pool, "maintain_pool", None)
-        if c.hub is None or maintain is None:
-            return  # not a prefork pool on the event loop: nothing to maintain
-        self._timer = c.hub.call_repeatedly(POOL_MAINTENANCE_SECONDS, maintain)
-
-    def stop(self, c: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
-celery_app.steps["consumer"].add(FrequentPoolMaintenance)
-
-
 @signals.task_failure.connect
 def _record_hard_timeout(
     task_id: str | None = None, exception: BaseException | None = None, sender: Any = None, **_: Any
@@ -378,9 +345,6 @@ class _Maintenance(threading.Thread):
         except Exception as exc:
             logger.warning("could not withdraw worker", error=str(exc))
 
-
-#: Seconds between two looks for exited pool processes (Celery's own: 5).
-POOL_MAINTENANCE_SECONDS = 0.1
 
 #: Seconds between two looks at the webhook outbox (a job's webhook waits at most this).
 WEBHOOK_DISPATCH_INTERVAL = 0.5
