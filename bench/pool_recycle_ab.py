@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from bench.infra import Bench
-from bench.queue_rows import HOLD, CpuMeter, MoragSide
+from bench.queue_rows import MoragSide, drain_once
 from bench.stats import print_paired
 
 SIDES = {
@@ -36,13 +35,6 @@ class QueueSide(MoragSide):
         super().__init__(bench, worker, steps=1)
         self.name = self.queue = queue
 
-    def queue_busy(self) -> tuple[int, int]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.llen(f"{self.ns}{self.queue}")
-        pipe.hlen(f"{self.ns}unacked")
-        waiting, unacked = pipe.execute()
-        return int(waiting), int(unacked)
-
 
 def start_worker(bench: Bench, queue: str, options: list[str]) -> Any:
     """``celery worker`` on morag's app, with Celery's own options (``morag worker`` has
@@ -57,16 +49,10 @@ def start_worker(bench: Bench, queue: str, options: list[str]) -> Any:
 
 
 def drain(side: QueueSide, n: int, redis_pid: int) -> dict[str, float]:
-    side.flush()
-    ids = side.publish(n, queue=HOLD)
-    meter = CpuMeter(side.worker, redis_pid)
-    before = meter.snapshot()
-    started = time.perf_counter()
-    side.client.rename(f"{side.ns}{HOLD}", f"{side.ns}{side.queue}")
-    done = side.wait_done(ids, timeout=max(60.0, n / 20))
-    cpu = CpuMeter.per_job(before, meter.snapshot(), n)
-    cpu.pop("producer")
-    return {"jobs/s": n / (done - started), "cpu µs/job": sum(cpu.values()), **cpu}
+    """Row 1's drain on ``side``'s queue: jobs/s, CPU µs per job in all and by process."""
+    rate, cpu = drain_once(side, n, redis_pid)
+    cpu.pop("redis_commands")
+    return {"jobs/s": rate, "cpu µs/job": sum(cpu.values()), **cpu}
 
 
 def main() -> None:

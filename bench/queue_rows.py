@@ -75,6 +75,8 @@ class CpuMeter:
 class Side:
     """One side of the comparison: how to publish, where its queue is, how to verify."""
 
+    queue = "celery"  # the queue its worker consumes
+
     def __init__(self, name: str, bench: Bench, namespace: str, worker: Service) -> None:
         self.name = name
         self.bench = bench
@@ -90,7 +92,7 @@ class Side:
 
     def queue_busy(self) -> tuple[int, int]:
         pipe = self.client.pipeline(transaction=False)
-        pipe.llen(f"{self.ns}celery")
+        pipe.llen(f"{self.ns}{self.queue}")
         pipe.hlen(f"{self.ns}unacked")
         waiting, unacked = pipe.execute()
         return int(waiting), int(unacked)
@@ -172,7 +174,7 @@ def drain_once(side: Side, n: int, redis_pid: int) -> tuple[float, dict[str, flo
     side.client.config_resetstat()
     before = meter.snapshot()
     started = time.perf_counter()
-    side.client.rename(f"{side.ns}{HOLD}", f"{side.ns}celery")
+    side.client.rename(f"{side.ns}{HOLD}", f"{side.ns}{side.queue}")
     done = side.wait_done(ids, timeout=max(60.0, n / 20))
     after = meter.snapshot()
     cpu = CpuMeter.per_job(before, after, n)
