@@ -50,3 +50,19 @@ def test_the_runtime_lock_is_the_dev_lock_without_the_dev_tools() -> None:
     assert "pytest" not in runtime_pins
     differing = {n: (v, dev_pins.get(n)) for n, v in runtime_pins.items() if dev_pins.get(n) != v}
     assert differing == {}, "the two locks disagree: run scripts/lock"
+
+
+def test_every_install_of_a_lock_resolves_nothing() -> None:
+    """The README, .ci/run and the Dockerfile install a lock with ``--no-deps``: the lock is the
+    whole tree, and letting pip resolve it let a newer lxml in through an extra (pip 23.2)."""
+    for name in ("README.md", ".ci/run", "Dockerfile"):
+        installs = [
+            line
+            for line in (ROOT / name).read_text().splitlines()
+            if re.search(r"pip install .*-r requirements(-dev)?\.lock", line)
+        ]
+        assert installs, f"{name} no longer installs a lock"
+        for line in installs:
+            assert "--no-deps -r requirements" in line or "--no-deps --require-hashes -r" in line, (
+                f"{name} installs a lock without --no-deps: {line.strip()}"
+            )
