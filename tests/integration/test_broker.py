@@ -4,6 +4,7 @@ back as with kombu's own, through one client per channel instead of one per mess
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,3 +228,68 @@ class _Unreachable:
 
     def __call__(self, *args: object) -> None:
         raise redis.ConnectionError("Redis is restarting")
+
+
+def test_the_brpop_sent_is_the_one_kombu_sends(namespace: str) -> None:
+    """The channel packs each BRPOP once and sends it again (``Channel._brpop_start``):
+    the bytes are those kombu's own sends for the same queues, in the same order."""
+    with _channel_with_messages(f"{namespace}:", 3) as (conn, channel, queue):
+        other = Queue(f"{queue.name}-2", queue.exchange, "other")
+        other(channel).declare()
+        received: list[Any] = []
+        for consumed in (queue, other):
+            channel.basic_consume(consumed.name, True, received.append, consumed.name)
+        conn.transport.cycle._client_registered(channel, channel.client, "BRPOP")  # connects
+        connection = channel.client.connection
+        order = list(channel._queue_cycle.items)
+        sent: list[bytes] = []
+        send = connection.send_packed_command
+        connection.send_packed_command = lambda command, **kw: (
+            sent.append(b"".join(command)),
+            send(command, **kw),
+        )
+
+        def brpop(start: Callable[[], None]) -> bytes:
+            channel._queue_cycle.items[:] = order  # each from the same rotation
+            sent.clear()
+            start()
+            channel._brpop_read()  # the reply: one of the messages
+            return b"".join(sent)
+
+        kombus = brpop(lambda: kombu_redis.Channel._brpop_start(channel))
+        assert kombus.startswith(b"*") and f"{namespace}:{queue.name}".encode() in kombus
+        assert brpop(channel._brpop_start) == kombus  # packed
+        assert brpop(channel._brpop_start) == kombus  # packed before, sent again
+        assert len(received) == 3
+        other(channel).delete()
+        queue(channel).delete()
+
+
+def test_the_event_loop_polls_through_the_transports_cheaper_poll_start(namespace: str) -> None:
+    """A worker's event loop (kombu's Hub) starts each turn with morag's poll start, which
+    adds the Redis sockets to the loop once, not on every turn: messages still come."""
+    from kombu.asynchronous import Hub
+
+    with _channel_with_messages(f"{namespace}:", 3) as (conn, channel, queue):
+        hub = Hub()
+        try:
+            received: list[Any] = []
+            consumer = conn.Consumer(queue, callbacks=[lambda body, m: received.append(body)])
+            consumer.consume()
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            starts = [tick for tick in hub.on_tick if "on_poll_start" in tick.__qualname__]
+            assert [tick.__qualname__ for tick in starts] == [
+                "Transport._poll_start.<locals>.on_poll_start"
+            ]
+            adds: list[int] = []
+            add_reader = hub.add_reader
+            hub.add_reader = lambda fd, *args: (adds.append(fd), add_reader(fd, *args))
+            deadline = time.monotonic() + 10
+            while len(received) < 3 and time.monotonic() < deadline:
+                hub.run_once()
+            assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
+            assert len(adds) == len(set(adds)) == 1  # the BRPOP socket, added once
+            assert set(adds) <= set(hub.readers)
+        finally:
+            hub.close()
+        queue(channel).delete()
