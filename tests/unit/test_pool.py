@@ -49,3 +49,19 @@ def test_a_process_gives_up_after_billiards_30_s(clock) -> None:
     assert leaving_process(ReadCounter([999]))._ensure_messages_consumed(1000) is False
     assert 30.0 <= sum(clock) <= 30.2
     assert max(clock) == 0.1  # billiard's interval, never longer
+
+
+def test_the_configured_pool_lets_deliveries_carry_the_acks() -> None:
+    """A delivery's bookkeeping carries the acks before it only when the pool acks in the
+    event loop's thread (``DeferredAcks``, tasks/lifecycle.py): the pool morag configures
+    is such a pool; a thread pool is not."""
+    from celery.concurrency import get_implementation
+
+    from morag.core.celery_app import celery_app
+    from morag.tasks.lifecycle import DeferredAcks
+
+    configured = get_implementation(celery_app.conf.worker_pool)
+    assert configured is pool.TaskPool
+    assert DeferredAcks.acks_in_the_loop(object.__new__(configured))
+    assert DeferredAcks.acks_in_the_loop(object.__new__(get_implementation("solo")))
+    assert not DeferredAcks.acks_in_the_loop(object.__new__(get_implementation("threads")))

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 from celery import bootsteps, signals
+from celery.concurrency import prefork, solo
 from celery.exceptions import TimeLimitExceeded
 
 from morag.core import broker
@@ -168,12 +169,16 @@ class DeferredAcks(bootsteps.StartStopStep):  # type: ignore[misc]
     loop's timers are not thread-safe)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
-    POOLS_ACKING_IN_THE_LOOP = frozenset({"celery.concurrency.prefork", "celery.concurrency.solo"})
+
+    @staticmethod
+    def acks_in_the_loop(pool: Any) -> bool:
+        """Whether ``pool`` acks in the event loop's thread: Celery's prefork pool (and
+        morag's, tasks/pool.py, made from it) and the solo pool."""
+        return isinstance(pool, (prefork.TaskPool, solo.TaskPool))
 
     def start(self, c: Any) -> None:
         qos = getattr(getattr(c.task_consumer, "channel", None), "qos", None)
-        in_the_loop = type(c.pool).__module__ in self.POOLS_ACKING_IN_THE_LOOP
-        if c.hub is not None and in_the_loop and isinstance(qos, broker.QoS):
+        if c.hub is not None and self.acks_in_the_loop(c.pool) and isinstance(qos, broker.QoS):
             qos.defer_acks(c.hub.call_later)
 
     def stop(self, c: Any) -> None:
