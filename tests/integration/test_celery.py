@@ -51,6 +51,36 @@ def text_file(upload_dir: Path) -> Path:
     return path
 
 
+def test_a_submission_writes_its_record_and_message_in_one_redis_call(redis_client) -> None:
+    """With morag's transport, ``apply_async`` writes the job record and pushes the task
+    message in one script call (core/broker.py, tasks/processing.py): one command from a
+    client for the submission, the LPUSH made inside it, after the record's writes."""
+    import uuid
+
+    from kombu.utils import json as kombu_json
+
+    probe.apply_async()  # the scripts loaded into this Redis (a first call may load them)
+    redis_client.delete(f"{settings.key_prefix}:celery")
+    task_id = str(uuid.uuid4())
+    sentinel = f"end-{task_id}"
+    with redis_client.monitor() as monitor:
+        probe.apply_async(task_id=task_id)
+        redis_client.echo(sentinel)
+        seen = []
+        while sentinel not in (command := monitor.next_command())["command"]:
+            seen.append((command["client_type"] == "lua", command["command"]))
+    sent = [c for lua, c in seen if not lua and task_id in c]
+    assert len(sent) == 1 and sent[0].startswith("EVALSHA"), sent
+    in_script = [c.split()[0] for lua, c in seen if lua]
+    assert "LPUSH" in in_script and in_script.index("LPUSH") > in_script.index("HSET")
+    assert not [c for lua, c in seen if not lua and c.startswith("LPUSH")]
+    record = get_job_store(settings).get(task_id)
+    assert record is not None and record.status is TaskStatus.PENDING
+    queued = redis_client.lrange(f"{settings.key_prefix}:celery", 0, -1)
+    messages = [kombu_json.loads(m) for m in queued]
+    assert [m["headers"]["id"] for m in messages] == [task_id]
+
+
 def test_task_submission(workers, text_file: Path) -> None:
     """A submitted job is known at once (its record precedes the message) and succeeds."""
     result = process_document_task.delay(

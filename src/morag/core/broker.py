@@ -48,6 +48,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -202,6 +204,25 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         return super().restore_unacked_once(stderr)
 
 
+@dataclass
+class RecordedPublish:
+    """A task message about to be published whose job record is written by the publish
+    itself (``Channel._put``), in the same Redis call as the message.
+
+    ``write(push)`` writes the record and, with ``push`` (the list's key, the message as
+    kombu's JSON), pushes the message after it in the same script call; without, the record
+    alone, for a message kombu publishes its own way (written first).
+    """
+
+    task_id: str
+    write: Callable[[tuple[str, str] | None], Any]
+    written: bool = False
+
+
+#: The publish in progress in this context (tasks/processing.py sets it around Celery's).
+recorded_publish: ContextVar[RecordedPublish | None] = ContextVar("recorded_publish", default=None)
+
+
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
     _shared_client: Any = None
@@ -242,10 +263,35 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
         connection.send_packed_command(command)
 
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """kombu's, or for a message whose job record is due (``recorded_publish``), the
+        record and the message in one script call: one round trip per submission where
+        there were two, the record still written before the message."""
+        pending = recorded_publish.get()
+        if pending is None or pending.written or _task_id(message) != pending.task_id:
+            super()._put(queue, message, **kwargs)
+            return
+        plain = kwargs.get("_publish_batch") is None and queue not in (self._expires or {})
+        if plain:  # else kombu pipelines the message with other commands: record first
+            priority = self._get_message_priority(message, reverse=False)
+            key = (self.global_keyprefix or "") + self._q_for_pri(queue, priority)
+            pending.write((key, dumps(message)))
+            pending.written = True
+            return
+        pending.write(None)
+        pending.written = True
+        super()._put(queue, message, **kwargs)
+
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:  # collected: see the module docstring
             raise redis.ConnectionError("the broker connection was closed")
         return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-any-return]
+
+
+def _task_id(message: dict[str, Any]) -> Any:
+    """The task id of a Celery message (protocol 2 keeps it in the headers)."""
+    headers = message.get("headers")
+    return headers.get("id") if isinstance(headers, dict) else None
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
@@ -303,6 +349,10 @@ class UnixSocketTransport(Transport):
         transport that parses its own URL shows it)."""
         shown = "redis+" + uri
         return shown if include_password else str(maybe_sanitize_url(shown, mask))
+
+
+#: ``broker_transport`` of an app on morag's transport (``transport_for``).
+TRANSPORTS = frozenset({f"{__name__}:Transport", f"{__name__}:UnixSocketTransport"})
 
 
 def transport_for(broker_url: str) -> tuple[str, str]:

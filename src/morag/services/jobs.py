@@ -284,6 +284,24 @@ emit(history_key(ARGV[1]), channel_key(ARGV[1]), ARGV[2], 'pending', 0, 'queued'
 return 1
 """
 
+# ARGV: as _CREATE's, then a list's key and a task message: the message is pushed onto
+#       the list after the record is written, whatever the answer (a retry's record
+#       exists already), in the same atomic call.
+_CREATE_AND_PUSH = (
+    """
+local MESSAGE = table.remove(ARGV)
+local LIST = table.remove(ARGV)
+local function create()
+"""
+    + _CREATE
+    + """
+end
+local answer = create()
+redis.call('LPUSH', LIST, MESSAGE)
+return answer
+"""
+)
+
 # ARGV: id, ts, now (epoch s), worker, lease_ms, max_attempts, kind, queue (the keys are
 #       the store's: ``_store_constants``)
 # The first start observes the job's queue wait (since its creation: ``created_ts``, or its
@@ -621,6 +639,7 @@ class JobStore:
         self.retention_seconds = retention_seconds
         constants = _store_constants(self.keys, retention_seconds)
         self._create = DirectScript(constants + _EMIT + _CREATE)
+        self._create_and_push = DirectScript(constants + _EMIT + _CREATE_AND_PUSH)
         self._start = DirectScript(constants + _EMIT + _START)
         self._progress = client.register_script(_PROGRESS)
         self._finish = DirectScript(constants + _EMIT + _FINISH)
@@ -645,6 +664,7 @@ class JobStore:
         extra: dict[str, str] | None = None,
         dedupe_key: str | None = None,
         take_over: bool = False,
+        push: tuple[str, str] | None = None,
     ) -> str | None:
         """Write a new pending record of ``owner``'s; the id of the job that does the work,
         or None when a record with this id exists already.
@@ -653,6 +673,9 @@ class JobStore:
         holding that key is answered instead and nothing is written, unless ``take_over``
         (a retry becomes the job doing that work). A new record takes the key for
         ``retention_seconds``, as long as a finished job is kept.
+
+        With ``push`` (a list's key and a task message), the message is pushed onto the
+        list after the record, in the same call, whatever the answer (core/broker.py).
         """
         now = utcnow()
         fields: dict[str, str] = {
@@ -663,7 +686,8 @@ class JobStore:
             "metadata": json.dumps(metadata or {}),
             **(extra or {}),
         }
-        answer = self._create(
+        script, pushed = (self._create, ()) if push is None else (self._create_and_push, push)
+        answer = script(
             self.redis,
             task_id,
             _iso(now),
@@ -674,6 +698,7 @@ class JobStore:
             owner,
             kind,
             *[item for pair in fields.items() for item in pair],
+            *pushed,
         )
         if answer == 0:
             return None
@@ -692,6 +717,7 @@ class JobStore:
         extra: dict[str, str] | None = None,
         dedupe_key: str | None = None,
         take_over: bool = False,
+        push: tuple[str, str] | None = None,
     ) -> str | None:
         """``create`` for a task message about to be published: the record keeps what the
         message carries (``submission``, in kombu's JSON, the message's own types), so a
@@ -710,6 +736,7 @@ class JobStore:
             extra={"submission": submission, **(extra or {})},
             dedupe_key=dedupe_key,
             take_over=take_over,
+            push=push,
         )
 
     def start(

@@ -31,6 +31,7 @@ import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
+from morag.core.broker import TRANSPORTS, RecordedPublish, recorded_publish
 from morag.core.celery_app import BaseTask, celery_app
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS, settings
 from morag.core.errors import JobCancelledError, MoragError
@@ -246,13 +247,30 @@ class ProcessingTask(BaseTask):
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
-        """Publish, writing the job record first so no status read can race the worker."""
+        """Publish, writing the job record first so no status read can race the worker:
+        with morag's transport, in the same Redis call as the message (core/broker.py)."""
         task_id = task_id or str(uuid.uuid4())
-        self.create_job_record(task_id, args or (), kwargs or {})  # no-op for a retry
         options.setdefault("event_dispatcher", sent_event_batcher(self.app))
-        return super().apply_async(args, kwargs, task_id=task_id, **options)
 
-    def create_job_record(self, task_id: str, args: Any, kwargs: dict[str, Any]) -> str | None:
+        def write_record(push: tuple[str, str] | None) -> None:  # no-op for a retry
+            self.create_job_record(task_id, args or (), kwargs or {}, push=push)
+
+        if self.app.conf.task_always_eager or self.app.conf.broker_transport not in TRANSPORTS:
+            write_record(None)
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        pending = RecordedPublish(task_id, write_record)
+        token = recorded_publish.set(pending)
+        try:
+            result = super().apply_async(args, kwargs, task_id=task_id, **options)
+        finally:
+            recorded_publish.reset(token)
+        if not pending.written:  # no message went to a queue: the record all the same
+            write_record(None)
+        return result
+
+    def create_job_record(
+        self, task_id: str, args: Any, kwargs: dict[str, Any], push: tuple[str, str] | None = None
+    ) -> str | None:
         return get_job_store(settings).create_submitted(
             task_id,
             task_name=self.name,
@@ -260,6 +278,7 @@ class ProcessingTask(BaseTask):
             queue=self.queue_name,
             kwargs=kwargs,
             args=args,
+            push=push,
         )
 
     @property
