@@ -3,6 +3,7 @@ every event reaches a Celery event receiver once, also from a process that exits
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -104,3 +105,34 @@ def test_a_producer_that_exits_at_once_still_sends_its_events(monitor: Monitor) 
     ids = done.stdout.split()
     assert len(ids) == 3
     wait_for(lambda: all(monitor.sent[i] == 1 for i in ids), 20, "the exited producer's events")
+
+
+def test_a_submission_joining_identical_work_sends_no_message_and_no_event(
+    monitor: Monitor, redis_client: Any
+) -> None:
+    """The API's publisher writes the record and the message in one call (core/broker.py):
+    identical work already queued is joined, and then neither a message nor a task-sent
+    event goes out for the new id."""
+    from morag.core.config import settings
+    from morag.services.ingestion.publisher import JobPublisher
+    from morag.services.jobs import get_job_store
+    from morag.tasks.system_tasks import probe
+
+    store = get_job_store(settings)
+    publisher = JobPublisher(store, celery_app)
+    dedupe = store.keys.dedupe("anonymous", uuid.uuid4().hex)
+
+    def submit(task_id: str) -> str:
+        return publisher.send(
+            probe.name, kind="system", kwargs={}, task_id=task_id, dedupe_key=dedupe, queue=HOLD
+        )
+
+    first, second, other = (str(uuid.uuid4()) for _ in range(3))
+    assert submit(first) == first
+    assert submit(second) == first  # joined: that job does the work
+    assert publisher.send(probe.name, kind="system", kwargs={}, task_id=other, queue=HOLD) == other
+    wait_for(lambda: other in monitor.sent, 20, "the last submission's task-sent event")
+    assert dict(monitor.sent) == {first: 1, other: 1}
+    queued = redis_client.lrange(f"{settings.key_prefix}:{HOLD}", 0, -1)
+    assert sorted(json.loads(m)["headers"]["id"] for m in queued) == sorted([first, other])
+    assert store.get(second) is None

@@ -35,6 +35,10 @@ packs its BRPOP anew for every delivery: about 50 µs a job in the main process,
 sets the pace of a worker whose jobs are short. Here a socket the loop already reads for
 this transport is left as it is, and each BRPOP is packed once per order of the queues.
 
+A morag task's submission (``apply_async``, tasks/processing.py) hands its job record's
+write to the publish (``RecordedPublish``): one script call writes the record, then
+pushes the message, where the record's call and kombu's LPUSH were two round trips.
+
 Celery is pointed at these classes with its ``broker_transport`` setting
 (``celery_app.celery_config``); nothing else changes. The connection's URI still says
 ``redis://`` or ``redis+socket://`` (not the class path), because tools pick their broker
@@ -210,13 +214,24 @@ class RecordedPublish:
     itself (``Channel._put``), in the same Redis call as the message.
 
     ``write(push)`` writes the record and, with ``push`` (the list's key, the message as
-    kombu's JSON), pushes the message after it in the same script call; without, the record
-    alone, for a message kombu publishes its own way (written first).
+    kombu's JSON), pushes the message after it in the same script call unless identical
+    work is active; without, the record alone, for a message kombu publishes its own way
+    (written first). It answers the id of the job that does the work (``JobStore.create``).
     """
 
     task_id: str
     write: Callable[[tuple[str, str] | None], Any]
     written: bool = False
+    answer: Any = None  # what ``write`` answered
+
+    @property
+    def joined(self) -> bool:
+        """Identical work was active: that job does it, and no message was sent."""
+        return self.written and self.answer is not None and self.answer != self.task_id
+
+    def record(self, push: tuple[str, str] | None = None) -> None:
+        self.answer = self.write(push)
+        self.written = True
 
 
 #: The publish in progress in this context (tasks/processing.py sets it around Celery's).
@@ -275,12 +290,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if plain:  # else kombu pipelines the message with other commands: record first
             priority = self._get_message_priority(message, reverse=False)
             key = (self.global_keyprefix or "") + self._q_for_pri(queue, priority)
-            pending.write((key, dumps(message)))
-            pending.written = True
+            pending.record((key, dumps(message)))
             return
-        pending.write(None)
-        pending.written = True
-        super()._put(queue, message, **kwargs)
+        pending.record()
+        if not pending.joined:
+            super()._put(queue, message, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:  # collected: see the module docstring

@@ -26,6 +26,8 @@ from celery.events.event import Event, get_exchange
 from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 
+from morag.core.broker import recorded_publish
+
 logger = structlog.get_logger(__name__)
 
 #: How late a task event may reach monitors (the worker's batches use it too).
@@ -54,6 +56,9 @@ class SentEventBatcher:
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any, **_: Any) -> None:
         """Buffer one event (Celery's dispatcher signature; the producer is not needed)."""
+        pending = recorded_publish.get()
+        if pending is not None and pending.joined and fields.get("uuid") == pending.task_id:
+            return  # identical work was active: no message was sent (core/broker.py)
         if self._pid != os.getpid():
             self._reset()
         event = Event(

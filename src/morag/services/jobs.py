@@ -285,8 +285,9 @@ return 1
 """
 
 # ARGV: as _CREATE's, then a list's key and a task message: the message is pushed onto
-#       the list after the record is written, whatever the answer (a retry's record
-#       exists already), in the same atomic call.
+#       the list after the record is written, in the same atomic call, unless identical
+#       work is active (the answer is its id: nothing is sent). A record that exists
+#       already (a retry's) is no reason not to send.
 _CREATE_AND_PUSH = (
     """
 local MESSAGE = table.remove(ARGV)
@@ -297,7 +298,7 @@ local function create()
     + """
 end
 local answer = create()
-redis.call('LPUSH', LIST, MESSAGE)
+if answer == 0 or answer == 1 then redis.call('LPUSH', LIST, MESSAGE) end
 return answer
 """
 )
@@ -675,7 +676,8 @@ class JobStore:
         ``retention_seconds``, as long as a finished job is kept.
 
         With ``push`` (a list's key and a task message), the message is pushed onto the
-        list after the record, in the same call, whatever the answer (core/broker.py).
+        list after the record, in the same call, unless the answer is another job's id
+        (core/broker.py).
         """
         now = utcnow()
         fields: dict[str, str] = {

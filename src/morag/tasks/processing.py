@@ -252,8 +252,8 @@ class ProcessingTask(BaseTask):
         task_id = task_id or str(uuid.uuid4())
         options.setdefault("event_dispatcher", sent_event_batcher(self.app))
 
-        def write_record(push: tuple[str, str] | None) -> None:  # no-op for a retry
-            self.create_job_record(task_id, args or (), kwargs or {}, push=push)
+        def write_record(push: tuple[str, str] | None) -> str | None:  # no-op for a retry
+            return self.create_job_record(task_id, args or (), kwargs or {}, push=push)
 
         if self.app.conf.task_always_eager or self.app.conf.broker_transport not in TRANSPORTS:
             write_record(None)
@@ -265,7 +265,7 @@ class ProcessingTask(BaseTask):
         finally:
             recorded_publish.reset(token)
         if not pending.written:  # no message went to a queue: the record all the same
-            write_record(None)
+            pending.record()
         return result
 
     def create_job_record(

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery
 
+from morag.core.broker import TRANSPORTS, RecordedPublish, recorded_publish
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS
 from morag.core.principals import ANONYMOUS_NAME
 from morag.core.sent_events import sent_event_batcher
@@ -74,32 +75,65 @@ class JobPublisher:
     ) -> str:
         """Write ``owner``'s record of any task (``extra``: record fields such as
         ``webhook_url``), then send its message by name; with ``dedupe_key``, see
-        ``publish``."""
+        ``publish``. On morag's transport both go in one Redis call (core/broker.py)."""
         task_id = task_id or str(uuid.uuid4())
-        worker_id = self.store.create_submitted(
-            task_id,
-            task_name=task_name,
-            kind=kind,
-            queue=MODALITY_QUEUES.get(kind, DEFAULT_QUEUE),
-            kwargs=kwargs,
-            owner=owner,
-            extra=extra,
-            dedupe_key=dedupe_key,
-            take_over=take_over,
-        )
-        if worker_id is not None and worker_id != task_id:
-            return worker_id  # identical work is active: that job does it
-        self.celery.send_task(
-            task_name,
-            kwargs=kwargs,
-            task_id=task_id,
-            event_dispatcher=sent_event_batcher(self.celery),
-            # The record holds the result. Sent by name, the task's own ignore_result is
-            # unknown here, and Celery would subscribe to a result channel per message.
-            ignore_result=True,
-            **options,
-        )
-        return task_id
+
+        def write_record(push: tuple[str, str] | None) -> str | None:
+            return self.store.create_submitted(
+                task_id,
+                task_name=task_name,
+                kind=kind,
+                queue=MODALITY_QUEUES.get(kind, DEFAULT_QUEUE),
+                kwargs=kwargs,
+                owner=owner,
+                extra=extra,
+                dedupe_key=dedupe_key,
+                take_over=take_over,
+                push=push,
+            )
+
+        def send() -> None:
+            self.celery.send_task(
+                task_name,
+                kwargs=kwargs,
+                task_id=task_id,
+                event_dispatcher=sent_event_batcher(self.celery),
+                # The record holds the result. Sent by name, the task's own ignore_result
+                # is unknown here, and Celery would subscribe to a result channel per
+                # message.
+                ignore_result=True,
+                # What monitors show of the arguments: Celery's saferepr walks them in
+                # Python, a tenth of a submission's publish; these are plain JSON values.
+                argsrepr="()",
+                kwargsrepr=short_repr(kwargs),
+                **options,
+            )
+
+        pending = RecordedPublish(task_id, write_record)
+        if self.celery.conf.broker_transport not in TRANSPORTS:
+            pending.record()  # first, then the message
+            if not pending.joined:
+                send()
+        else:
+            token = recorded_publish.set(pending)
+            try:
+                send()
+            finally:
+                recorded_publish.reset(token)
+            if not pending.written:  # no message reached a queue: the record all the same
+                pending.record()
+        # identical work is active: that job does it
+        return pending.answer if pending.joined else task_id
+
+
+#: Characters of a message's kwargs shown to monitors at most (Celery's own limit).
+REPR_LIMIT = 1024
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to ``REPR_LIMIT`` characters as Celery's saferepr cuts it."""
+    text = repr(value)
+    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
 
 
 def kind_of_task(task_name: str) -> str | None:
