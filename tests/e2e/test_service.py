@@ -231,3 +231,19 @@ def test_readiness_without_redis_says_unhealthy_and_no_more(tmp_path: Path) -> N
     assert body["reasons"] == {"redis": "Redis is unreachable", "celery": "Redis is unreachable"}
     assert str(tmp_path) not in response.text and "Error" not in response.text
     assert str(socket_path) in server.log(), "the reason, with its path, is logged instead"
+
+
+def test_a_submission_without_redis_is_refused_as_unavailable(tmp_path: Path) -> None:
+    """With Redis away the record's write fails inside the publish (one call with the
+    message, core/broker.py), where kombu wraps it: still 503 with Retry-After, not 500."""
+    socket_path = tmp_path / "no-redis-here.sock"
+    base, server = start_api(tmp_path / "api.log", redis_url=f"unix://{socket_path}")
+    try:
+        response = httpx.post(
+            f"{base}/api/v1/ingest/url", json={"url": "https://example.org/a"}, timeout=30
+        )
+    finally:
+        server.stop()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "5"
+    assert response.json()["error"]["code"] == "unavailable"

@@ -10,6 +10,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -159,7 +160,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
-    async def _redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    @app.exception_handler(OperationalError)  # kombu's, when a publish found Redis away
+    async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # Redis restarting is an outage the client can wait out, not a server bug.
         logger.warning("job store unreachable", path=request.url.path, error=str(exc))
         return error_response(
