@@ -234,8 +234,32 @@ class RecordedPublish:
         self.written = True
 
 
-#: The publish in progress in this context (tasks/processing.py sets it around Celery's).
+#: The publish in progress in this context (``publish_recorded`` sets it around Celery's).
 recorded_publish: ContextVar[RecordedPublish | None] = ContextVar("recorded_publish", default=None)
+
+
+def publish_recorded(
+    app: Any,
+    task_id: str,
+    write: Callable[[tuple[str, str] | None], Any],
+    publish: Callable[[], Any],
+) -> tuple[RecordedPublish, Any]:
+    """``publish()`` a task message of ``app`` whose job record ``write`` writes first: on
+    morag's transport in the same script call as the message (``Channel._put``); else
+    before it, no message then being sent when identical work is active. The record's
+    state and what ``publish`` answered."""
+    pending = RecordedPublish(task_id, write)
+    if app.conf.task_always_eager or app.conf.broker_transport not in TRANSPORTS:
+        pending.record()
+        return pending, None if pending.joined else publish()
+    token = recorded_publish.set(pending)
+    try:
+        result = publish()
+    finally:
+        recorded_publish.reset(token)
+    if not pending.written:  # no message reached a queue: the record all the same
+        pending.record()
+    return pending, result
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]

@@ -27,8 +27,6 @@ import time
 from typing import Any
 
 from billiard import pool as billiard_pool
-from billiard.pool import GUARANTEE_MESSAGE_CONSUMPTION_RETRY_INTERVAL as LONGEST_WAIT
-from billiard.pool import GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT as WAITS
 from billiard.util import warning
 from celery import signals
 from celery.concurrency import asynpool, prefork
@@ -44,6 +42,9 @@ REAP_RETRIES = 100
 
 #: First wait of a recycled process for the main process to read its last result.
 CONSUMED_FIRST_WAIT_SECONDS = 0.001
+#: Its longest wait and how many of those it may wait (billiard's: 0.1 s, 300 of them).
+CONSUMED_LAST_WAIT_SECONDS = billiard_pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_INTERVAL
+CONSUMED_WAITS = billiard_pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT
 
 
 class Worker(asynpool.Worker):  # type: ignore[misc]
@@ -55,13 +56,13 @@ class Worker(asynpool.Worker):  # type: ignore[misc]
         if not self.on_ready_counter:
             return False
         wait = CONSUMED_FIRST_WAIT_SECONDS
-        deadline = time.monotonic() + LONGEST_WAIT * WAITS  # billiard's 30 s
+        deadline = time.monotonic() + CONSUMED_LAST_WAIT_SECONDS * CONSUMED_WAITS  # 30 s
         while self.on_ready_counter.value < completed:
             if time.monotonic() > deadline:
                 warning("could not ensure all messages were consumed prior to exiting")
                 return False
             time.sleep(wait)
-            wait = min(wait * 2, LONGEST_WAIT)
+            wait = min(wait * 2, CONSUMED_LAST_WAIT_SECONDS)
         return True
 
 

@@ -31,7 +31,7 @@ import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from morag.core.broker import TRANSPORTS, RecordedPublish, recorded_publish
+from morag.core.broker import publish_recorded
 from morag.core.celery_app import BaseTask, celery_app
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS, settings
 from morag.core.errors import JobCancelledError, MoragError
@@ -255,17 +255,13 @@ class ProcessingTask(BaseTask):
         def write_record(push: tuple[str, str] | None) -> str | None:  # no-op for a retry
             return self.create_job_record(task_id, args or (), kwargs or {}, push=push)
 
-        if self.app.conf.task_always_eager or self.app.conf.broker_transport not in TRANSPORTS:
-            write_record(None)
-            return super().apply_async(args, kwargs, task_id=task_id, **options)
-        pending = RecordedPublish(task_id, write_record)
-        token = recorded_publish.set(pending)
-        try:
-            result = super().apply_async(args, kwargs, task_id=task_id, **options)
-        finally:
-            recorded_publish.reset(token)
-        if not pending.written:  # no message went to a queue: the record all the same
-            pending.record()
+        publish = super().apply_async
+        _, result = publish_recorded(
+            self.app,
+            task_id,
+            write_record,
+            lambda: publish(args, kwargs, task_id=task_id, **options),
+        )
         return result
 
     def create_job_record(

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from morag.core.broker import TRANSPORTS, RecordedPublish, recorded_publish
+from morag.core.broker import publish_recorded
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS
 from morag.core.principals import ANONYMOUS_NAME
 from morag.core.sent_events import sent_event_batcher
@@ -109,19 +109,7 @@ class JobPublisher:
                 **options,
             )
 
-        pending = RecordedPublish(task_id, write_record)
-        if self.celery.conf.broker_transport not in TRANSPORTS:
-            pending.record()  # first, then the message
-            if not pending.joined:
-                send()
-        else:
-            token = recorded_publish.set(pending)
-            try:
-                send()
-            finally:
-                recorded_publish.reset(token)
-            if not pending.written:  # no message reached a queue: the record all the same
-                pending.record()
+        pending, _ = publish_recorded(self.celery, task_id, write_record, send)
         # identical work is active: that job does it
         return pending.answer if pending.joined else task_id
 
