@@ -54,7 +54,9 @@ def text_file(upload_dir: Path) -> Path:
 def test_a_submission_writes_its_record_and_message_in_one_redis_call(redis_client) -> None:
     """With morag's transport, ``apply_async`` writes the job record and pushes the task
     message in one script call (core/broker.py, tasks/processing.py): one command from a
-    client for the submission, the LPUSH made inside it, after the record's writes."""
+    client for the submission, the LPUSH made inside it, after the record's writes. The
+    message reaches its queue's list with no queue declared, and shows monitors plain
+    reprs of its arguments (``broker.publish_options``)."""
     import uuid
 
     from kombu.utils import json as kombu_json
@@ -64,7 +66,7 @@ def test_a_submission_writes_its_record_and_message_in_one_redis_call(redis_clie
     task_id = str(uuid.uuid4())
     sentinel = f"end-{task_id}"
     with redis_client.monitor() as monitor:
-        probe.apply_async(task_id=task_id)
+        probe.apply_async(kwargs={"steps": 2}, task_id=task_id)
         redis_client.echo(sentinel)
         seen = []
         while sentinel not in (command := monitor.next_command())["command"]:
@@ -79,6 +81,8 @@ def test_a_submission_writes_its_record_and_message_in_one_redis_call(redis_clie
     queued = redis_client.lrange(f"{settings.key_prefix}:celery", 0, -1)
     messages = [kombu_json.loads(m) for m in queued]
     assert [m["headers"]["id"] for m in messages] == [task_id]
+    assert messages[0]["headers"]["kwargsrepr"] == "{'steps': 2}"
+    assert messages[0]["headers"]["argsrepr"] == "()"
 
 
 def test_task_submission(workers, text_file: Path) -> None:

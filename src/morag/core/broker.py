@@ -262,6 +262,34 @@ def publish_recorded(
     return pending, result
 
 
+#: Characters of a message's arguments shown to monitors at most (Celery's own limit).
+REPR_LIMIT = 1024
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to ``REPR_LIMIT`` characters as Celery's saferepr cuts it."""
+    text = repr(value)
+    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
+
+
+def publish_options(args: Any, kwargs: Any) -> dict[str, Any]:
+    """Celery options for publishing a morag task message, cheaper by a quarter of a
+    submission's CPU (bench/results/perf-notes.md) and sending the same message:
+
+    - what monitors show of the arguments, a plain ``repr``: Celery's ``saferepr`` walks
+      them in Python, and morag's are plain JSON values;
+    - no queue to declare: morag's queues are direct, so Celery publishes to the queue's
+      own list by Redis's anonymous exchange, which reads no binding, and kombu's
+      ``maybe_declare`` copied the queue and entered ``Connection.ensure`` on every
+      publish only to find it declared already. Workers declare their queues at start.
+    """
+    return {
+        "argsrepr": short_repr(tuple(args or ())),
+        "kwargsrepr": short_repr(kwargs or {}),
+        "declare": [],
+    }
+
+
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
     _shared_client: Any = None

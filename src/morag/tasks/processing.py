@@ -31,7 +31,7 @@ import redis
 import structlog
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from morag.core.broker import publish_recorded
+from morag.core.broker import publish_options, publish_recorded
 from morag.core.celery_app import BaseTask, celery_app
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS, settings
 from morag.core.errors import JobCancelledError, MoragError
@@ -250,7 +250,11 @@ class ProcessingTask(BaseTask):
         """Publish, writing the job record first so no status read can race the worker:
         with morag's transport, in the same Redis call as the message (core/broker.py)."""
         task_id = task_id or str(uuid.uuid4())
-        options.setdefault("event_dispatcher", sent_event_batcher(self.app))
+        options = {
+            "event_dispatcher": sent_event_batcher(self.app),
+            **publish_options(args, kwargs),
+            **options,
+        }
 
         def write_record(push: tuple[str, str] | None) -> str | None:  # no-op for a retry
             return self.create_job_record(task_id, args or (), kwargs or {}, push=push)

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from morag.core.broker import publish_recorded
+from morag.core.broker import publish_options, publish_recorded
 from morag.core.config import DEFAULT_QUEUE, MODALITY_QUEUES, PROCESSING_TASKS
 from morag.core.principals import ANONYMOUS_NAME
 from morag.core.sent_events import sent_event_batcher
@@ -102,26 +102,12 @@ class JobPublisher:
                 # is unknown here, and Celery would subscribe to a result channel per
                 # message.
                 ignore_result=True,
-                # What monitors show of the arguments: Celery's saferepr walks them in
-                # Python, a tenth of a submission's publish; these are plain JSON values.
-                argsrepr="()",
-                kwargsrepr=short_repr(kwargs),
-                **options,
+                **{**publish_options((), kwargs), **options},
             )
 
         pending, _ = publish_recorded(self.celery, task_id, write_record, send)
         # identical work is active: that job does it
         return pending.answer if pending.joined else task_id
-
-
-#: Characters of a message's kwargs shown to monitors at most (Celery's own limit).
-REPR_LIMIT = 1024
-
-
-def short_repr(value: Any) -> str:
-    """``repr(value)``, cut to ``REPR_LIMIT`` characters as Celery's saferepr cuts it."""
-    text = repr(value)
-    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
 
 
 def kind_of_task(task_name: str) -> str | None:
