@@ -180,6 +180,36 @@ def test_deliveries_are_recorded_and_acked_as_kombu_does(namespace: str) -> None
         queue(channel).delete()
 
 
+def test_a_consumed_message_is_kept_for_a_restore_as_it_came(namespace: str) -> None:
+    """A message the event loop consumes (BRPOP) enters the unacked hash as kombu's entry
+    ``[message, exchange, routing_key]`` made of the message's JSON as it came, not
+    encoded again (``Channel._brpop_read``): kombu reads the entry back and restores it."""
+    prefix = f"{namespace}:"
+    direct = redis.Redis.from_url(os.environ["MORAG_REDIS_URL"])
+    with _channel_with_messages(prefix, 1) as (conn, channel, queue):
+        key = f"{prefix}{queue.name}"
+        # the message again, in JSON spelled otherwise than kombu's: its text must survive
+        compact = kombu_json.dumps(kombu_json.loads(direct.rpop(key)), separators=(",", ":"))
+        direct.lpush(key, compact)
+        received: list[Any] = []
+        consumer = conn.Consumer([queue], callbacks=[lambda body, m: received.append(m)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        [message] = received
+        assert message.payload == {"n": 0} and channel._received is None
+        entry = direct.hget(f"{prefix}unacked", message.delivery_tag)
+        assert entry == b'[%s,"broker-test","k"]' % compact.encode()
+        assert kombu_json.loads(entry) == [message._raw, "broker-test", "k"]
+
+        channel.qos.restore_by_tag(message.delivery_tag)  # kombu's own restore
+        assert direct.hlen(f"{prefix}unacked") == 0
+        assert kombu_json.loads(direct.lindex(key, -1))["properties"]["delivery_tag"] == (
+            message.delivery_tag
+        )
+        consumer.cancel()
+        queue(channel).delete()
+
+
 def test_deferred_acks_ride_on_the_next_delivery_or_their_timer(namespace: str) -> None:
     """With ``defer_acks`` (a worker's event loop), an ack is done for kombu at once but
     leaves the unacked hash with the next delivery's script call, or when its timer fires;

@@ -19,7 +19,8 @@ and index, and removes it at the ack, each time in a MULTI/EXEC pipeline: four c
 for redis-py to pack and parse, twice per job, in the worker's main process. Here each is
 one script call (``QoS``) that writes the same keys and values, as atomically: kombu's
 restores (``restore_by_tag``, the visibility timeout, morag's recovery) read them as
-their own.
+their own. The message in that entry is its JSON as it came from the queue, where kombu
+encoded the message it had just decoded again.
 
 In a worker, the ack's write rides on the next delivery's script call (``AckBacklog``):
 a process whose job just finished takes its next message at once, so under load a job
@@ -48,6 +49,7 @@ supported" for ``morag.core.broker:Transport://``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +57,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
+from queue import Empty
 from typing import Any
 
 import redis
@@ -62,7 +65,8 @@ import structlog
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
 from morag.core.redis_scripts import DirectScript, lua_string
@@ -157,7 +161,15 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
-        stored = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        received = self.channel._received
+        if received is not None and received[0] is message._raw:
+            # kombu's entry, ``dumps([message, exchange, routing_key])``, made of the
+            # message's JSON as it came rather than encoding it again
+            item = received[1]
+            stored: Any = b"[%s,%s,%s]" % (item, _json(exchange), _json(routing_key))
+        else:
+            stored = dumps([message._raw, exchange, routing_key])
         acked = self._backlog.take()
         try:
             with self.channel.conn_or_acquire() as client:
@@ -295,6 +307,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     _shared_client: Any = None
     _brpop_packed_for: Any = None  # the connection the packed BRPOPs below are for
     _brpop_packed: dict[tuple[Any, ...], Any]
+    #: The message being delivered, decoded, and its JSON as it came (``_brpop_read``).
+    _received: tuple[Any, bytes] | None = None
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -330,6 +344,33 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
         connection.send_packed_command(command)
 
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's, keeping each message's JSON as it came while it is delivered
+        (``_received``), for its entry in the unacked hash (``QoS.append``): kombu decoded
+        it, then encoded it again there, 7% of a worker main process's time."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # disconnected, so that the next turn of the loop connects again
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            message = loads(bytes_to_str(item))
+            self._received = (message, item if isinstance(item, bytes) else item.encode())
+            try:
+                self.connection._deliver(message, dest)
+            finally:
+                self._received = None
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu: a bool or the connection
+            self._flush_brpop_reauth()  # kombu's: a re-auth token waits for an idle socket
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         """kombu's, or for a message whose job record is due (``recorded_publish``), the
         record and the message in one script call: one round trip per submission where
@@ -352,6 +393,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if self.connection.client is None:  # collected: see the module docstring
             raise redis.ConnectionError("the broker connection was closed")
         return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-any-return]
+
+
+def _json(value: str) -> bytes:
+    return json.dumps(value).encode()
 
 
 def _task_id(message: dict[str, Any]) -> Any:
