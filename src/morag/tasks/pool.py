@@ -100,8 +100,9 @@ class AsynPool(asynpool.AsynPool):  # type: ignore[misc]
             if outbound and (not fair or len(busy) < len(inqueues)):
                 celerys()  # a message waits for a free process: Celery's adds the writers
                 return
-            for fd in [fd for fd in inqueues if fd in writers and fd not in writing]:
-                remove_writer(fd)
+            for fd in inqueues:  # removing a writer leaves the set of pipes as it is
+                if fd in writers and fd not in writing:
+                    remove_writer(fd)
 
         self.on_poll_start = on_poll_start
 
